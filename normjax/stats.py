@@ -1,0 +1,206 @@
+"""Sufficient statistics that merge: ``(count, mean, m2)`` per reduced slot.
+
+Every norm in normjax reduces its input to :class:`Moments` and normalizes with
+them. Because moments merge exactly (Chan, Golub & LeVeque 1979), the same few
+functions serve masks (padding has count 0), several devices (``psum`` of the
+parts), ghost batches (reduce per group, merge the groups), cumulative statistics
+along time (prefix merge) and precise population statistics (merge over batches).
+
+Conventions:
+  * statistics are float32 or wider, whatever the input dtype;
+  * the mean is computed first and ``m2`` as the sum of squared deviations from it
+    (two passes): ``E[x^2] - E[x]^2`` cancels catastrophically when the mean is
+    large against the spread, and is never used;
+  * a slot with count 0 has mean 0 and m2 0, never NaN.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Axes = int | Sequence[int]
+
+
+class Moments(NamedTuple):
+    """Sufficient statistics of one or many slots, all of one broadcast shape.
+
+    Attributes:
+      count: number of (unmasked) elements reduced into each slot, float.
+      mean: their mean (0 where count is 0).
+      m2: sum of squared deviations from ``mean`` (for uncentred moments,
+        the sum of squares).
+    """
+
+    count: Array
+    mean: Array
+    m2: Array
+
+
+def stat_dtype(dtype: Any) -> jnp.dtype:
+    """The dtype statistics are reduced in: ``dtype`` promoted to at least float32."""
+    return jnp.promote_types(jnp.dtype(dtype), jnp.float32)
+
+
+def canonicalize_axes(ndim: int, axes: Axes, *, name: str = "axes") -> tuple[int, ...]:
+    """Sorted, deduplicated, non-negative axes; a clear error when out of range."""
+    if not isinstance(axes, Iterable):
+        axes = (axes,)
+    out = []
+    for axis in axes:
+        if not isinstance(axis, int) or isinstance(axis, bool):
+            raise TypeError(f"{name} must be ints, got {axis!r} in {axes!r}.")
+        if not -ndim <= axis < ndim:
+            raise ValueError(
+                f"{name}={tuple(axes)!r} is out of range for an input with {ndim} "
+                f"dimensions; valid axes are {-ndim}..{ndim - 1}."
+            )
+        out.append(axis % ndim)
+    return tuple(sorted(set(out)))
+
+
+def _safe_div(num: Array, den: Array) -> Array:
+    """num / den where den > 0, else 0 — with finite gradients on both branches."""
+    positive = den > 0
+    return jnp.where(positive, num / jnp.where(positive, den, 1.0), 0.0)
+
+
+def _psum(value: Array, axis_name: Any, axis_index_groups: Any) -> Array:
+    if axis_name is None:
+        return value
+    return jax.lax.psum(value, axis_name, axis_index_groups=axis_index_groups)
+
+
+def moments(
+    x: Array,
+    axes: Axes,
+    *,
+    mask: Array | None = None,
+    center: bool = True,
+    axis_name: Any = None,
+    axis_index_groups: Any = None,
+    keepdims: bool = True,
+) -> Moments:
+    """Reduces ``x`` over ``axes`` to ``Moments`` (float32 or wider).
+
+    Args:
+      x: input of any shape.
+      axes: axes to reduce.
+      mask: optional boolean array broadcastable to ``x``; False elements count 0.
+      center: if False the mean is fixed at 0 and ``m2`` is the sum of squares
+        (RMS norm, PowerNorm).
+      axis_name: reduce across this named mapped axis too (``shard_map``, ``pmap``,
+        ``vmap``). The pooled result is exact when devices hold different numbers
+        of valid elements: counts and sums are ``psum``-ed, then squared deviations
+        from the pooled mean are ``psum``-ed (two collectives, no mean of means).
+      axis_index_groups: device groups for the collectives, as in ``lax.psum``.
+      keepdims: keep reduced axes as size 1 (ready to broadcast against ``x``).
+    """
+    axes = canonicalize_axes(x.ndim, axes)
+    dtype = stat_dtype(x.dtype)
+    x = x.astype(dtype)
+    if mask is None:
+        size = 1
+        for axis in axes:
+            size *= x.shape[axis]
+        count = jnp.full([1 if i in axes else n for i, n in enumerate(x.shape)], size)
+        count = _psum(count.astype(dtype), axis_name, axis_index_groups)
+        weights = None
+    else:
+        mask = jnp.broadcast_to(jnp.asarray(mask, bool), x.shape)
+        weights = mask.astype(dtype)
+        count = _psum(
+            jnp.sum(weights, axes, keepdims=True), axis_name, axis_index_groups
+        )
+    if center:
+        xw = x if weights is None else x * weights
+        total = _psum(jnp.sum(xw, axes, keepdims=True), axis_name, axis_index_groups)
+        mean = _safe_div(total, count)
+        deviation = x - mean
+    else:
+        mean = jnp.zeros_like(count)
+        deviation = x
+    squares = jnp.square(deviation)
+    if weights is not None:
+        squares = squares * weights
+    m2 = _psum(jnp.sum(squares, axes, keepdims=True), axis_name, axis_index_groups)
+    out = Moments(jnp.broadcast_to(count, mean.shape), mean, m2)
+    if not keepdims:
+        out = Moments(*(jnp.squeeze(s, axes) for s in out))
+    return out
+
+
+def variance(m: Moments, *, ddof: int = 0) -> Array:
+    """``m2 / (count - ddof)``, clamped at 0; 0 where ``count <= ddof``."""
+    return jnp.maximum(_safe_div(m.m2, m.count - ddof), 0.0)
+
+
+def merge(a: Moments, b: Moments) -> Moments:
+    """Moments of the union of two disjoint sets (Chan et al.'s pairwise formula)."""
+    count = a.count + b.count
+    delta = b.mean - a.mean
+    fraction_b = _safe_div(b.count, count)
+    mean = a.mean + delta * fraction_b
+    m2 = a.m2 + b.m2 + jnp.square(delta) * a.count * fraction_b
+    return Moments(count, mean, m2)
+
+
+def merge_over(m: Moments, axis: Axes, *, keepdims: bool = False) -> Moments:
+    """Merges slots along ``axis`` (ghost groups into a batch, batches into a
+    population) — exact, in one parallel step rather than a chain of merges."""
+    count = jnp.sum(m.count, axis, keepdims=True)
+    mean = _safe_div(jnp.sum(m.count * m.mean, axis, keepdims=True), count)
+    m2 = jnp.sum(m.m2 + m.count * jnp.square(m.mean - mean), axis, keepdims=True)
+    out = Moments(count, mean, m2)
+    if not keepdims:
+        out = Moments(*(jnp.squeeze(s, axis) for s in out))
+    return out
+
+
+def prefix_merge(m: Moments, axis: int) -> Moments:
+    """Cumulative moments along ``axis``: slot t holds the merge of slots 0..t.
+
+    Used for causal statistics over time. An associative scan of the pairwise
+    merge stays exact, unlike prefix sums of x and x^2.
+    """
+
+    def combine(a: tuple[Array, ...], b: tuple[Array, ...]) -> tuple[Array, ...]:
+        return tuple(merge(Moments(*a), Moments(*b)))
+
+    count, mean, m2 = jax.lax.associative_scan(combine, tuple(m), axis=axis)
+    return Moments(count, mean, m2)
+
+
+def ema(running: Array, value: Array, momentum: float) -> Array:
+    """Running-average update in Flax's convention: ``momentum`` of the old value
+    is kept (``momentum=0.99`` keeps 99 %)."""
+    return momentum * running + (1.0 - momentum) * value.astype(running.dtype)
+
+
+def from_pytorch_momentum(momentum: float) -> float:
+    """PyTorch's ``momentum`` (weight of the *new* value, default 0.1) in Flax's
+    convention (weight of the old value): ``1 - momentum``."""
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum must lie in [0, 1], got {momentum}.")
+    return 1.0 - momentum
+
+
+def split_groups(x: Array, axis: int, group_size: int, *, name: str) -> Array:
+    """Reshapes ``axis`` of size N into (N // group_size, group_size) in place.
+
+    Ghost batches split the batch axis; group norm splits the channel axis.
+    """
+    axis = axis % x.ndim
+    n = x.shape[axis]
+    if group_size <= 0 or n % group_size:
+        raise ValueError(
+            f"{name}={group_size} must be a positive divisor of the size {n} of "
+            f"axis {axis}; choose a divisor of {n}."
+        )
+    return x.reshape(
+        x.shape[:axis] + (n // group_size, group_size) + x.shape[axis + 1 :]
+    )
