@@ -16,6 +16,7 @@ Conventions:
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
@@ -52,8 +53,12 @@ def canonicalize_axes(ndim: int, axes: Axes, *, name: str = "axes") -> tuple[int
         axes = (axes,)
     out = []
     for axis in axes:
-        if not isinstance(axis, int) or isinstance(axis, bool):
+        if isinstance(axis, bool):
             raise TypeError(f"{name} must be ints, got {axis!r} in {axes!r}.")
+        try:
+            axis = operator.index(axis)
+        except TypeError:
+            raise TypeError(f"{name} must be ints, got {axis!r} in {axes!r}.") from None
         if not -ndim <= axis < ndim:
             raise ValueError(
                 f"{name}={tuple(axes)!r} is out of range for an input with {ndim} "

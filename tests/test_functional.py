@@ -1,0 +1,457 @@
+"""normjax.functional against float64 NumPy references written out here."""
+
+import jax
+import jax.numpy as jnp
+import jax.test_util
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from normjax import functional as F
+
+TOL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2, jnp.float16: 2e-3}
+
+
+def ref_normalize(x, axes, mask=None, eps=1e-6, center=True):
+    """Plain float64 normalization over ``axes``; masked elements do not count."""
+    x = np.asarray(x, np.float64)
+    w = np.ones_like(x) if mask is None else np.broadcast_to(mask, x.shape) * 1.0
+    n = w.sum(axes, keepdims=True)
+    mean = (x * w).sum(axes, keepdims=True) / np.maximum(n, 1) if center else 0.0
+    var = (w * (x - mean) ** 2).sum(axes, keepdims=True) / np.maximum(n, 1)
+    return (x - mean) / np.sqrt(var + eps), mean, var
+
+
+def ref_affine(y, scale, bias, feature_axes):
+    shape = [y.shape[a] if a in feature_axes else 1 for a in range(y.ndim)]
+    return y * np.reshape(scale, shape) + np.reshape(bias, shape)
+
+
+def as_array(x, dtype):
+    return jnp.asarray(x, jnp.float32).astype(dtype)
+
+
+def params_for(rng, shape):
+    return {
+        "scale": jnp.asarray(rng.uniform(0.5, 2, size=shape), jnp.float32),
+        "bias": jnp.asarray(rng.normal(size=shape), jnp.float32),
+    }
+
+
+def check(got, want, dtype):
+    assert got.dtype == dtype
+    tol = TOL[dtype]
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=tol, atol=tol)
+
+
+def random_input(rng, shape, dtype):
+    x = rng.normal(rng.uniform(-3, 3), rng.uniform(0.5, 3), size=shape)
+    # The reference sees exactly what the norm sees: the input after rounding.
+    return np.asarray(as_array(x, dtype), np.float64)
+
+
+DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("masked", [False, True])
+def test_layer_and_rms_norm(dtype, seed, masked):
+    rng = np.random.default_rng(seed)
+    ndim = rng.integers(2, 5)
+    shape = tuple(rng.integers(2, 6, size=ndim))
+    reduction_axes = tuple(sorted({-1, int(rng.integers(1, ndim)) - ndim}))
+    feature_axes = (ndim - 1,)
+    x = random_input(rng, shape, dtype)
+    mask = rng.random(shape) < 0.8 if masked else None
+    params = params_for(rng, shape[-1:])
+    for fn, center in ((F.layer_norm, True), (F.rms_norm, False)):
+        y = fn(
+            as_array(x, dtype),
+            params,
+            reduction_axes=reduction_axes,
+            feature_axes=-1,
+            mask=mask,
+        )
+        ref, _, _ = ref_normalize(
+            x, tuple(a % ndim for a in reduction_axes), mask, center=center
+        )
+        check(y, ref_affine(ref, params["scale"], params["bias"], feature_axes), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "shape,groups,reduction_axes",
+    [
+        ((3, 4, 5, 8), 4, None),
+        ((3, 4, 5, 8), 2, (2, 3)),  # statistics per row: a non-default choice
+        ((2, 6, 12), 3, (-1,)),  # per position, per group of channels
+        ((2, 6, 12), 12, None),
+    ],
+)
+@pytest.mark.parametrize("masked", [False, True])
+def test_group_norm(dtype, shape, groups, reduction_axes, masked):
+    rng = np.random.default_rng(len(shape) + groups)
+    x = random_input(rng, shape, dtype)
+    mask = rng.random(shape) < 0.8 if masked else None
+    params = params_for(rng, shape[-1:])
+    y = F.group_norm(
+        as_array(x, dtype),
+        params,
+        num_groups=groups,
+        reduction_axes=reduction_axes,
+        mask=mask,
+    )
+    ndim = len(shape)
+    axes = tuple(range(1, ndim)) if reduction_axes is None else reduction_axes
+    axes = tuple(a % ndim for a in axes)
+    grouped = x.reshape(*shape[:-1], groups, shape[-1] // groups)
+    gmask = None if mask is None else mask.reshape(grouped.shape)
+    ref, _, _ = ref_normalize(grouped, (*axes[:-1], ndim), gmask)
+    ref = ref.reshape(shape)
+    check(y, ref_affine(ref, params["scale"], params["bias"], (ndim - 1,)), dtype)
+    # group_size is the other way to say the same thing.
+    y2 = F.group_norm(
+        as_array(x, dtype),
+        params,
+        num_groups=None,
+        group_size=shape[-1] // groups,
+        reduction_axes=reduction_axes,
+        mask=mask,
+    )
+    np.testing.assert_array_equal(np.asarray(y2, np.float32), np.asarray(y, np.float32))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "shape,feature_axes",
+    [((3, 5, 6, 4), (-1,)), ((2, 7, 3, 4), (1, 2)), ((2, 4, 5, 3), (1, -1))],
+)
+def test_instance_norm(dtype, shape, feature_axes):
+    rng = np.random.default_rng(len(shape))
+    x = random_input(rng, shape, dtype)
+    ndim = len(shape)
+    features = tuple(sorted(a % ndim for a in feature_axes))
+    params = params_for(rng, tuple(shape[a] for a in features))
+    y = F.instance_norm(as_array(x, dtype), params, feature_axes=feature_axes)
+    axes = tuple(a for a in range(1, ndim) if a not in features)
+    ref, _, _ = ref_normalize(x, axes)
+    check(y, ref_affine(ref, params["scale"], params["bias"], features), dtype)
+
+
+def ref_batch_norm_train(x, feature_axes, mask, eps, momentum, running):
+    axes = tuple(a for a in range(x.ndim) if a not in feature_axes)
+    y, mean, var = ref_normalize(x, axes, mask, eps)
+    fshape = running["mean"].shape
+    new_mean = momentum * running["mean"] + (1 - momentum) * mean.reshape(fshape)
+    new_var = momentum * running["var"] + (1 - momentum) * var.reshape(fshape)
+    return y, new_mean, new_var
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "shape,axis",
+    [((8, 4, 4, 6), -1), ((16, 5), -1), ((4, 6, 3), 1), ((4, 3, 5), (1, 2))],
+)
+@pytest.mark.parametrize("masked", [False, True])
+def test_batch_norm_train_and_eval(dtype, shape, axis, masked):
+    rng = np.random.default_rng(sum(shape))
+    x = random_input(rng, shape, dtype)
+    ndim = len(shape)
+    features = tuple(sorted(a % ndim for a in np.atleast_1d(axis)))
+    fshape = tuple(shape[a] for a in features)
+    mask = rng.random(shape) < 0.7 if masked else None
+    params = params_for(rng, fshape)
+    running = {
+        "mean": jnp.asarray(rng.normal(size=fshape), jnp.float32),
+        "var": jnp.asarray(rng.uniform(0.5, 2, size=fshape), jnp.float32),
+    }
+    y, new = F.batch_norm(
+        as_array(x, dtype),
+        params,
+        running,
+        train=True,
+        axis=axis,
+        mask=mask,
+        momentum=0.9,
+        epsilon=1e-5,
+    )
+    ref, ref_mean, ref_var = ref_batch_norm_train(
+        x, features, mask, 1e-5, 0.9, jax.tree.map(np.asarray, running)
+    )
+    check(y, ref_affine(ref, params["scale"], params["bias"], features), dtype)
+    np.testing.assert_allclose(
+        new["mean"], ref_mean.reshape(fshape), rtol=1e-5, atol=1e-5
+    )
+    np.testing.assert_allclose(
+        new["var"], ref_var.reshape(fshape), rtol=1e-5, atol=1e-5
+    )
+    assert new["mean"].dtype == jnp.float32
+
+    y_eval, same = F.batch_norm(
+        as_array(x, dtype), params, new, train=False, axis=axis, epsilon=1e-5
+    )
+    assert same is new
+    bshape = [shape[a] if a in features else 1 for a in range(ndim)]
+    ref_eval = (x - np.reshape(new["mean"], bshape)) / np.sqrt(
+        np.reshape(new["var"], bshape) + 1e-5
+    )
+    check(
+        y_eval, ref_affine(ref_eval, params["scale"], params["bias"], features), dtype
+    )
+
+
+def test_batch_norm_running_update_exact_value():
+    x = jnp.array([[1.0, 10.0], [3.0, 30.0]])
+    running = {"mean": jnp.array([0.0, 1.0]), "var": jnp.array([1.0, 2.0])}
+    _, new = F.batch_norm(x, None, running, train=True, momentum=0.99)
+    np.testing.assert_allclose(
+        new["mean"], [0.99 * 0 + 0.01 * 2, 0.99 * 1 + 0.01 * 20], rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        new["var"], [0.99 * 1 + 0.01 * 1, 0.99 * 2 + 0.01 * 100], rtol=1e-6
+    )
+    _, unbiased = F.batch_norm(
+        x, None, running, train=True, momentum=0.99, unbiased_running_var=True
+    )
+    np.testing.assert_allclose(
+        unbiased["var"], [0.99 + 0.01 * 2, 0.99 * 2 + 0.01 * 200], rtol=1e-6
+    )
+
+
+def test_batch_norm_without_valid_elements_keeps_running_stats():
+    x = jnp.ones((4, 3))
+    running = {"mean": jnp.array([1.0, 2.0, 3.0]), "var": jnp.array([4.0, 5.0, 6.0])}
+    y, new = F.batch_norm(x, None, running, train=True, mask=jnp.zeros((4, 1), bool))
+    assert np.all(np.isfinite(y))
+    for k in running:
+        np.testing.assert_array_equal(new[k], running[k])
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_ghost_batch_norm(masked):
+    rng = np.random.default_rng(11)
+    x = rng.normal(2, 3, size=(12, 3, 5)).astype(np.float32)
+    mask = rng.random(x.shape) < 0.8 if masked else None
+    running = {"mean": jnp.zeros(5), "var": jnp.ones(5)}
+    y, new = F.batch_norm(
+        jnp.asarray(x),
+        None,
+        running,
+        train=True,
+        ghost_batch_size=4,
+        mask=mask,
+        momentum=0.0,
+    )
+    counts, sums, m2s = 0, 0, 0
+    for g in range(3):
+        rows = slice(4 * g, 4 * g + 4)
+        gm = None if mask is None else mask[rows]
+        ref, mean, var = ref_normalize(x[rows], (0, 1), gm, eps=1e-5)
+        np.testing.assert_allclose(y[rows], ref, rtol=1e-5, atol=1e-5)
+        n = 4 * 3 if gm is None else gm.sum((0, 1))
+        counts, sums, m2s = (
+            counts + n,
+            sums + n * mean.reshape(-1),
+            m2s + n * var.reshape(-1),
+        )
+    np.testing.assert_allclose(new["mean"], sums / counts, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(new["var"], m2s / counts, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="ghost_batch_size=5"):
+        F.batch_norm(jnp.asarray(x), None, running, train=True, ghost_batch_size=5)
+
+
+def test_masked_equals_unmasked_on_valid_subset():
+    rng = np.random.default_rng(12)
+    x = jnp.asarray(rng.normal(size=(10, 4, 6)), jnp.float32)
+    valid = jnp.asarray(rng.random(10) < 0.6)
+    running = {"mean": jnp.zeros(6), "var": jnp.ones(6)}
+    y_masked, s_masked = F.batch_norm(
+        x, None, running, train=True, mask=valid[:, None, None]
+    )
+    y_subset, s_subset = F.batch_norm(x[valid], None, running, train=True)
+    np.testing.assert_allclose(y_masked[valid], y_subset, rtol=1e-5, atol=1e-5)
+    for k in running:
+        np.testing.assert_allclose(s_masked[k], s_subset[k], rtol=1e-6)
+    # Per-sample norms: a mask over the features equals dropping those features.
+    features = jnp.asarray(rng.random(6) < 0.5).at[0].set(True)
+    for fn in (F.layer_norm, F.rms_norm):
+        y = fn(x, mask=features)
+        np.testing.assert_allclose(
+            y[..., features], fn(x[..., features]), rtol=1e-5, atol=1e-5
+        )
+    y = F.instance_norm(x, mask=valid[None, :4, None])
+    np.testing.assert_allclose(
+        y[:, valid[:4]], F.instance_norm(x[:, valid[:4]]), rtol=1e-5, atol=1e-5
+    )
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [
+        lambda x, m: F.layer_norm(x, mask=m),
+        lambda x, m: F.rms_norm(x, mask=m),
+        lambda x, m: F.group_norm(x, num_groups=2, mask=m),
+        lambda x, m: F.instance_norm(x, mask=m),
+        lambda x, m: F.batch_norm(
+            x, None, {"mean": jnp.zeros(4), "var": jnp.ones(4)}, train=True, mask=m
+        )[0],
+    ],
+    ids=["layer", "rms", "group", "instance", "batch"],
+)
+def test_fully_masked_gives_finite_values_and_gradients(fn):
+    x = jnp.asarray(np.random.default_rng(13).normal(size=(3, 5, 4)), jnp.float32)
+    mask = jnp.zeros(x.shape, bool).at[0].set(True)  # samples 1, 2 fully masked
+    mask_none = jnp.zeros(x.shape, bool)
+    for m in (mask, mask_none):
+        y, grad = jax.value_and_grad(lambda x: jnp.sum(fn(x, m) ** 2))(x)
+        assert np.isfinite(y) and np.all(np.isfinite(grad))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16])
+def test_large_mean_small_spread_normalizes_to_unit_std(dtype):
+    rng = np.random.default_rng(14)
+    x = as_array(300 + 0.1 * rng.normal(size=(64, 512)), dtype)
+    for y in (
+        F.layer_norm(x, epsilon=0.0),
+        F.batch_norm(x.T, train=True, epsilon=0.0)[0].T,
+    ):
+        assert y.dtype == dtype
+        std = np.asarray(y, np.float64).std(-1)
+        np.testing.assert_allclose(std, 1.0, rtol=0.02)
+    # The trap this guards against: E[x^2] - E[x]^2 in float32 is off by far more.
+    x32 = x.astype(jnp.float32)
+    naive = jnp.mean(x32**2, -1) - jnp.mean(x32, -1) ** 2
+    exact = np.asarray(x32, np.float64).var(-1)
+    assert np.max(np.abs(np.asarray(naive) / exact - 1)) > 0.02
+
+
+def test_bfloat16_cannot_hold_std_point_one_at_300_and_stays_finite():
+    # bfloat16's spacing at 300 is 2: 300 + 0.1 z rounds to 300 everywhere, so
+    # the honest output is 0, not noise amplified by cancellation.
+    x = as_array(
+        300 + 0.1 * np.random.default_rng(15).normal(size=(8, 256)), jnp.bfloat16
+    )
+    assert np.all(np.asarray(x, np.float32) == 300)
+    y = F.layer_norm(x)
+    assert y.dtype == jnp.bfloat16 and np.all(np.asarray(y, np.float32) == 0)
+
+
+@given(
+    shift=st.floats(-100, 100),
+    log_scale=st.floats(-3, 3),
+    seed=st.integers(0, 2**16),
+)
+def test_layer_norm_invariant_to_per_sample_shift_and_scale(shift, log_scale, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(4, 32))
+    per_sample_shift = shift * rng.uniform(-1, 1, size=(4, 1))
+    per_sample_scale = np.exp(log_scale * rng.uniform(0, 1, size=(4, 1)))
+    y = F.layer_norm(jnp.asarray(x, jnp.float32), epsilon=0.0)
+    y2 = F.layer_norm(
+        jnp.asarray(x * per_sample_scale + per_sample_shift, jnp.float32), epsilon=0.0
+    )
+    np.testing.assert_allclose(y, y2, rtol=1e-3, atol=1e-3)
+
+
+@given(
+    shift=st.floats(-100, 100),
+    log_scale=st.floats(-3, 3),
+    seed=st.integers(0, 2**16),
+)
+def test_batch_norm_invariant_to_per_channel_shift_and_scale(shift, log_scale, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(16, 3, 5))
+    per_channel_shift = shift * rng.uniform(-1, 1, size=(5,))
+    per_channel_scale = np.exp(log_scale * rng.uniform(0, 1, size=(5,)))
+    y, _ = F.batch_norm(jnp.asarray(x, jnp.float32), train=True, epsilon=0.0)
+    y2, _ = F.batch_norm(
+        jnp.asarray(x * per_channel_scale + per_channel_shift, jnp.float32),
+        train=True,
+        epsilon=0.0,
+    )
+    np.testing.assert_allclose(y, y2, rtol=1e-3, atol=1e-3)
+
+
+NORMS_FOR_GRADS = {
+    "layer": lambda x, p: F.layer_norm(x, p),
+    "rms": lambda x, p: F.rms_norm(x, p),
+    "group": lambda x, p: F.group_norm(x, p, num_groups=2),
+    "instance": lambda x, p: F.instance_norm(x, p),
+    "batch": lambda x, p: F.batch_norm(x, p, train=True)[0],
+    "batch_masked": lambda x, p: F.batch_norm(x, p, train=True, mask=x > -0.5)[0],
+}
+
+
+@pytest.mark.parametrize("name", sorted(NORMS_FOR_GRADS))
+def test_gradients_match_finite_differences_float64(name):
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(16)
+        x = jnp.asarray(rng.normal(size=(3, 4, 4)))
+        p = {
+            "scale": jnp.asarray(rng.uniform(0.5, 2, 4)),
+            "bias": jnp.asarray(rng.normal(size=4)),
+        }
+        weights = jnp.asarray(rng.normal(size=(3, 4, 4)))
+        fn = NORMS_FOR_GRADS[name]
+        if name == "batch_masked":
+            mask = jnp.asarray(rng.random((3, 4, 4)) < 0.7)
+            fn = lambda x, p: F.batch_norm(x, p, train=True, mask=mask)[0]  # noqa: E731
+        assert fn(x, p).dtype == jnp.float64
+        jax.test_util.check_grads(
+            lambda x, p: jnp.sum(fn(x, p) * weights),
+            (x, p),
+            order=2,
+            modes=["rev"],
+            eps=1e-6,
+        )
+
+
+def test_jit_and_vmap_agree_with_eager():
+    x = jnp.asarray(np.random.default_rng(17).normal(size=(5, 3, 4, 8)), jnp.float32)
+    for fn in (F.layer_norm, F.rms_norm, lambda x: F.group_norm(x, num_groups=4)):
+        eager = fn(x)
+        np.testing.assert_allclose(jax.jit(fn)(x), eager, rtol=1e-6, atol=1e-6)
+    # vmap over an extra leading axis equals a loop over it.
+    y = jax.vmap(lambda xi: F.batch_norm(xi, train=True)[0])(x)
+    for i in range(5):
+        np.testing.assert_allclose(
+            y[i], F.batch_norm(x[i], train=True)[0], rtol=1e-5, atol=1e-5
+        )
+
+
+def test_dtype_argument_sets_output_dtype():
+    x = jnp.ones((2, 4), jnp.bfloat16)
+    assert F.layer_norm(x).dtype == jnp.bfloat16
+    assert F.layer_norm(x, dtype=jnp.float32).dtype == jnp.float32
+    assert F.batch_norm(x, train=True, dtype=jnp.float32)[0].dtype == jnp.float32
+
+
+def test_bad_input_gives_clear_errors():
+    x = jnp.zeros((4, 6, 8))
+    with pytest.raises(ValueError, match="out of range"):
+        F.layer_norm(x, reduction_axes=3)
+    with pytest.raises(ValueError, match="out of range"):
+        F.batch_norm(x, train=True, axis=-4)
+    with pytest.raises(
+        ValueError,
+        match=r"batch_stats\['mean'\] has shape \(4,\).*feature shape \(8,\)",
+    ):
+        F.batch_norm(x, None, {"mean": jnp.zeros(4), "var": jnp.ones(4)}, train=True)
+    with pytest.raises(
+        ValueError, match=r"num_groups=3 does not divide the 8 channels"
+    ):
+        F.group_norm(x, num_groups=3)
+    with pytest.raises(ValueError, match="exactly one of num_groups and group_size"):
+        F.group_norm(x, num_groups=2, group_size=4)
+    with pytest.raises(ValueError, match="must include the last axis"):
+        F.group_norm(x, num_groups=2, reduction_axes=(1,))
+    with pytest.raises(ValueError, match=r"params\['scale'\] has shape \(6,\)"):
+        F.layer_norm(x, {"scale": jnp.ones(6)})
+    with pytest.raises(ValueError, match="batch_stats is None"):
+        F.batch_norm(x, train=False)
+    with pytest.raises(ValueError, match="does not broadcast"):
+        F.layer_norm(x, mask=jnp.ones((3,), bool))
+    with pytest.raises(ValueError, match="feature_axes may not include axis 0"):
+        F.instance_norm(x, feature_axes=0)
