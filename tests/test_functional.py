@@ -305,7 +305,7 @@ def test_fully_masked_gives_finite_values_and_gradients(fn):
     mask = jnp.zeros(x.shape, bool).at[0].set(True)  # samples 1, 2 fully masked
     mask_none = jnp.zeros(x.shape, bool)
     for m in (mask, mask_none):
-        y, grad = jax.value_and_grad(lambda x: jnp.sum(fn(x, m) ** 2))(x)
+        y, grad = jax.value_and_grad(lambda x, m=m: jnp.sum(fn(x, m) ** 2))(x)
         assert np.isfinite(y) and np.all(np.isfinite(grad))
 
 
