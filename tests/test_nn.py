@@ -1,0 +1,273 @@
+"""normjax.nn as a drop-in for flax.linen's norms: same trees, same outputs."""
+
+import flax.linen as flax_nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from normjax import nn
+
+# (module name, constructor kwargs, input shape)
+CASES = [
+    ("BatchNorm", {}, (8, 4, 4, 6)),
+    ("BatchNorm", {"axis": 1, "momentum": 0.9}, (6, 5, 3)),
+    ("BatchNorm", {"axis": (1, 2), "use_bias": False}, (6, 5, 3)),
+    ("LayerNorm", {}, (4, 7, 10)),
+    ("LayerNorm", {"reduction_axes": (1, 2), "feature_axes": -1}, (4, 7, 10)),
+    ("LayerNorm", {"use_scale": False, "epsilon": 1e-3}, (4, 10)),
+    ("RMSNorm", {}, (4, 7, 10)),
+    ("RMSNorm", {"reduction_axes": (1, 2)}, (4, 7, 10)),
+    ("GroupNorm", {"num_groups": 4}, (3, 5, 5, 8)),
+    (
+        "GroupNorm",
+        {"num_groups": None, "group_size": 2, "reduction_axes": (2, 3)},
+        (3, 5, 5, 8),
+    ),
+    ("InstanceNorm", {}, (3, 5, 5, 8)),
+    ("InstanceNorm", {"feature_axes": (1, -1)}, (3, 5, 6, 8)),
+]
+IDS = [f"{name}-{i}" for i, (name, _, _) in enumerate(CASES)]
+
+
+def build(name, kwargs):
+    return getattr(flax_nn, name)(**kwargs), getattr(nn, name)(**kwargs)
+
+
+def random_variables(variables, seed):
+    """Flax's initial values are trivial (scale 1, bias 0): perturb them."""
+    leaves, tree = jax.tree.flatten(variables)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    leaves = [
+        v + 0.3 * jax.random.uniform(k, v.shape)
+        for v, k in zip(leaves, keys, strict=True)
+    ]
+    return jax.tree.unflatten(tree, leaves)
+
+
+@pytest.mark.parametrize("name,kwargs,shape", CASES, ids=IDS)
+def test_same_variable_tree_as_flax(name, kwargs, shape):
+    flax_layer, layer = build(name, kwargs)
+    x = jnp.ones(shape)
+    call = {"use_running_average": False} if name == "BatchNorm" else {}
+    want = jax.eval_shape(lambda: flax_layer.init(jax.random.key(0), x, **call))
+    got = jax.eval_shape(lambda: layer.init(jax.random.key(0), x, **call))
+    assert jax.tree.map(lambda a: (a.shape, a.dtype), got) == jax.tree.map(
+        lambda a: (a.shape, a.dtype), want
+    )
+
+
+@pytest.mark.parametrize("name,kwargs,shape", CASES, ids=IDS)
+@pytest.mark.parametrize("masked", [False, True])
+def test_flax_variables_load_and_give_flax_outputs(name, kwargs, shape, masked):
+    flax_layer, layer = build(name, kwargs)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(1.5, 2.0, size=shape), jnp.float32)
+    # Keep one valid element per slot so that Flax's masked mean is defined.
+    mask = (
+        jnp.asarray(rng.random(shape) < 0.7).at[(0,) * len(shape)].set(True)
+        if masked
+        else None
+    )
+    if name == "BatchNorm":
+        variables = random_variables(
+            flax_layer.init(jax.random.key(0), x, use_running_average=False), 1
+        )
+        for train in (True, False):
+            want, want_state = flax_layer.apply(
+                variables,
+                x,
+                use_running_average=not train,
+                mask=mask,
+                mutable=["batch_stats"],
+            )
+            got, got_state = layer.apply(
+                variables,
+                x,
+                use_running_average=not train,
+                mask=mask,
+                mutable=["batch_stats"],
+            )
+            np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+            for k in ("mean", "var"):
+                np.testing.assert_allclose(
+                    got_state["batch_stats"][k],
+                    want_state["batch_stats"][k],
+                    rtol=1e-5,
+                    atol=1e-6,
+                )
+    else:
+        variables = random_variables(flax_layer.init(jax.random.key(0), x), 1)
+        want = flax_layer.apply(variables, x, mask=mask)
+        got = layer.apply(variables, x, mask=mask)
+        # rtol 1e-4: sparsely masked slots have tiny variances, where Flax's
+        # E[x^2] - E[x]^2 loses a few more bits than our two-pass variance.
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize(
+    "name,kwargs,shape",
+    CASES[:1] + CASES[3:4] + CASES[8:9],
+    ids=["batch", "layer", "group"],
+)
+def test_bfloat16_matches_flax_up_to_rounding_and_keeps_dtype(name, kwargs, shape):
+    flax_layer, layer = build(name, kwargs)
+    x = (jax.random.normal(jax.random.key(2), shape) * 2 + 1).astype(jnp.bfloat16)
+    call = (
+        {"use_running_average": False, "mutable": ["batch_stats"]}
+        if name == "BatchNorm"
+        else {}
+    )
+    variables = flax_layer.init(
+        jax.random.key(0), x, **({"use_running_average": False} if call else {})
+    )
+    want = flax_layer.apply(variables, x, **call)
+    got = layer.apply(variables, x, **call)
+    if call:
+        (want, _), (got, _) = want, got
+    assert want.dtype == jnp.float32  # Flax promotes to the parameters' dtype ...
+    assert got.dtype == jnp.bfloat16  # ... normjax keeps the input's.
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=2e-2, atol=2e-2)
+
+
+def test_batch_norm_init_and_eval_do_not_move_running_stats():
+    layer = nn.BatchNorm()
+    x = jax.random.normal(jax.random.key(0), (8, 3)) + 5
+    variables = layer.init(jax.random.key(1), x, use_running_average=False)
+    np.testing.assert_array_equal(variables["batch_stats"]["mean"], 0)
+    np.testing.assert_array_equal(variables["batch_stats"]["var"], 1)
+    _, state = layer.apply(
+        variables, x, use_running_average=True, mutable=["batch_stats"]
+    )
+    np.testing.assert_array_equal(state["batch_stats"]["mean"], 0)
+    _, state = layer.apply(
+        variables, x, use_running_average=False, mutable=["batch_stats"]
+    )
+    np.testing.assert_allclose(
+        state["batch_stats"]["mean"], 0.01 * x.mean(0), rtol=1e-5
+    )
+
+
+def test_batch_norm_needs_use_running_average():
+    with pytest.raises(ValueError, match="use_running_average"):
+        nn.BatchNorm().init(jax.random.key(0), jnp.ones((2, 3)))
+
+
+def test_ghost_batch_size_in_training_only():
+    x = jax.random.normal(jax.random.key(0), (8, 3)) * jnp.arange(1.0, 9.0)[:, None]
+    layer = nn.BatchNorm(ghost_batch_size=4, use_bias=False, use_scale=False)
+    variables = layer.init(jax.random.key(1), x, use_running_average=False)
+    y, _ = layer.apply(variables, x, use_running_average=False, mutable=["batch_stats"])
+    plain = nn.BatchNorm(use_bias=False, use_scale=False)
+    for rows in (slice(0, 4), slice(4, 8)):
+        want, _ = plain.apply(
+            variables, x[rows], use_running_average=False, mutable=["batch_stats"]
+        )
+        np.testing.assert_allclose(y[rows], want, rtol=1e-5, atol=1e-5)
+    y_eval = layer.apply(
+        variables, x[:3], use_running_average=True
+    )  # 3 rows: no groups
+    assert y_eval.shape == (3, 3)
+
+
+def test_axis_name_matches_batch_norm_over_the_concatenated_batch():
+    layer = nn.BatchNorm(axis_name="devices")
+    x = jax.random.normal(jax.random.key(0), (4, 6, 5)) * 3 + 1  # 4 devices x 6 rows
+    variables = layer.init(jax.random.key(1), x[0], use_running_average=False)
+    y, state = jax.vmap(
+        lambda xi: layer.apply(
+            variables, xi, use_running_average=False, mutable=["batch_stats"]
+        ),
+        axis_name="devices",
+    )(x)
+    want, want_state = nn.BatchNorm().apply(
+        variables, x.reshape(24, 5), use_running_average=False, mutable=["batch_stats"]
+    )
+    np.testing.assert_allclose(y.reshape(24, 5), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        state["batch_stats"]["var"][2], want_state["batch_stats"]["var"], rtol=1e-5
+    )
+
+
+def test_where_flax_slips_unequal_valid_counts_and_fully_masked():
+    # 2 devices with 8 and 1 valid rows: the pooled mean weighs rows, not devices.
+    x = jnp.stack([jnp.zeros((8, 1)), jnp.full((8, 1), 9.0)])
+    mask = jnp.stack([jnp.ones((8, 1), bool), jnp.zeros((8, 1), bool).at[0].set(True)])
+    ours, theirs = nn.BatchNorm(axis_name="d"), flax_nn.BatchNorm(axis_name="d")
+    variables = ours.init(jax.random.key(0), x[0], use_running_average=False)
+
+    def running_mean(layer):
+        _, state = jax.vmap(
+            lambda xi, mi: layer.apply(
+                variables,
+                xi,
+                use_running_average=False,
+                mask=mi,
+                mutable=["batch_stats"],
+            ),
+            axis_name="d",
+        )(x, mask)
+        return float(state["batch_stats"]["mean"][0, 0]) / 0.01  # the batch mean
+
+    assert running_mean(ours) == pytest.approx(1.0)  # 9 / 9 valid rows
+    assert running_mean(theirs) == pytest.approx(4.5)  # mean of the two device means
+    # A fully masked sample: Flax's LayerNorm returns NaN, ours finite.
+    x = jnp.ones((2, 4))
+    mask = jnp.array([[True] * 4, [False] * 4])
+    v = flax_nn.LayerNorm().init(jax.random.key(0), x)
+    assert np.isnan(flax_nn.LayerNorm().apply(v, x, mask=mask)[1]).all()
+    assert np.isfinite(nn.LayerNorm().apply(v, x, mask=mask)).all()
+
+
+def test_per_sample_norms_ignore_use_running_average():
+    x = jax.random.normal(jax.random.key(0), (2, 4, 8))
+    for layer in (
+        nn.LayerNorm(),
+        nn.RMSNorm(),
+        nn.GroupNorm(num_groups=2),
+        nn.InstanceNorm(),
+        nn.Identity(),
+    ):
+        variables = layer.init(jax.random.key(1), x)
+        np.testing.assert_array_equal(
+            layer.apply(variables, x, use_running_average=True),
+            layer.apply(variables, x, False),
+        )
+
+
+def test_drop_in_inside_a_model_loads_flax_checkpoint():
+    def model(module):
+        class Net(flax_nn.Module):
+            @flax_nn.compact
+            def __call__(self, x, train):
+                x = flax_nn.Conv(8, (3, 3))(x)
+                x = module.BatchNorm(use_running_average=not train)(x)
+                x = flax_nn.relu(x)
+                x = module.GroupNorm(num_groups=2)(x)
+                return flax_nn.Dense(3)(x.mean((1, 2)))
+
+        return Net()
+
+    x = jax.random.normal(jax.random.key(0), (4, 6, 6, 3))
+    variables = model(flax_nn).init(jax.random.key(1), x, train=True)
+    for train in (True, False):
+        want, _ = model(flax_nn).apply(
+            variables, x, train=train, mutable=["batch_stats"]
+        )
+        got, _ = model(nn).apply(variables, x, train=train, mutable=["batch_stats"])
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_wrong_stored_statistics_give_a_clear_error():
+    variables = nn.BatchNorm().init(
+        jax.random.key(0), jnp.ones((2, 4)), use_running_average=False
+    )
+    with pytest.raises(ValueError, match="another layer"):
+        nn.BatchNorm().apply(
+            {
+                "params": {"scale": jnp.ones(8), "bias": jnp.zeros(8)},
+                "batch_stats": variables["batch_stats"],
+            },
+            jnp.ones((2, 8)),
+            use_running_average=True,
+        )
