@@ -30,10 +30,40 @@ _REGISTRY: dict[str, Entry] = {
     "batch": Entry(
         norms.BatchNorm, {}, "batch", "per channel over the batch (and space/time)"
     ),
+    "batch_renorm": Entry(
+        norms.BatchRenorm,
+        {},
+        "batch",
+        "batch norm corrected towards the running statistics (Ioffe 2017)",
+    ),
+    "ghost_batch": Entry(
+        norms.BatchNorm,
+        {"ghost_batch_size": 32},
+        "batch",
+        "batch norm over virtual batches of 32 (Hoffer et al. 2017)",
+    ),
+    "frozen_batch": Entry(
+        norms.BatchNorm,
+        {"frozen": True},
+        "running",
+        "batch norm with fixed running statistics (never updated)",
+    ),
+    "bln": Entry(
+        norms.BatchLayerNorm,
+        {},
+        "batch",
+        "(1/B) layer-normalized + (1 - 1/B) batch-normalized (Ziaee & Cano 2022)",
+    ),
+    "prior": Entry(
+        norms.PriorNorm,
+        {"num_groups": 8},
+        "per sample + population",
+        "group norm plus the sample's learned offset from population statistics",
+    ),
     "layer": Entry(norms.LayerNorm, {}, "per sample", "over the features"),
     "rms": Entry(norms.RMSNorm, {}, "per sample", "root mean square over the features"),
     # 8 groups divide every width of the CIFAR ResNets (16/32/64 channels); Wu &
-    # He's 32 would not fit the first stage.
+    # He's 32 (and EvoNorm's) would not fit the first stage.
     "group": Entry(
         norms.GroupNorm,
         {"num_groups": 8},
@@ -42,6 +72,12 @@ _REGISTRY: dict[str, Entry] = {
     ),
     "instance": Entry(
         norms.InstanceNorm, {}, "per sample", "per channel over space/time"
+    ),
+    "evonorm_s0": Entry(
+        norms.EvoNormS0,
+        {"num_groups": 8},
+        "per sample",
+        "x * sigmoid(v x) / group std (Liu et al. 2020)",
     ),
     "none": Entry(norms.Identity, {}, "none", "identity"),
 }
@@ -61,14 +97,21 @@ def entry(name: str) -> Entry:
     return _REGISTRY[name]
 
 
-def make_norm(name: str, **overrides: Any) -> nn.Module:
+def make_norm(name: str, *, causal: bool | str = False, **overrides: Any) -> nn.Module:
     """A Flax module for the norm ``name``, its defaults updated by ``overrides``.
+
+    ``causal=True`` makes it safe in a causal sequence model x_BxLxD: no output at
+    position t depends on inputs after t, in training or evaluation (batch
+    statistics become cumulative over (batch, positions <= t); a batch norm may
+    instead take causal='per_position' or 'running').
 
     Example: ``make_norm('group', num_groups=4)(x)``,
     ``make_norm('batch', momentum=0.9)(x, use_running_average=not train)``.
     """
     spec = entry(name)
     kwargs = {**spec.defaults, **overrides}
+    if causal:
+        kwargs["causal"] = causal
     try:
         return spec.module(**kwargs)
     except TypeError as error:

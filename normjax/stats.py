@@ -89,6 +89,7 @@ def moments(
     axis_name: Any = None,
     axis_index_groups: Any = None,
     keepdims: bool = True,
+    cumulative_axis: int | None = None,
 ) -> Moments:
     """Reduces ``x`` over ``axes`` to ``Moments`` (float32 or wider).
 
@@ -104,8 +105,27 @@ def moments(
         from the pooled mean are ``psum``-ed (two collectives, no mean of means).
       axis_index_groups: device groups for the collectives, as in ``lax.psum``.
       keepdims: keep reduced axes as size 1 (ready to broadcast against ``x``).
+      cumulative_axis: if it is one of ``axes``, the statistics are not pooled
+        along it but accumulated: slot t holds the moments of positions <= t
+        (causal statistics over time; the axis is kept, whatever ``keepdims``).
     """
     axes = canonicalize_axes(x.ndim, axes)
+    if cumulative_axis is not None:
+        time = canonicalize_axes(x.ndim, cumulative_axis, name="cumulative_axis")[0]
+        if time in axes:
+            per_position = moments(
+                x,
+                tuple(a for a in axes if a != time),
+                mask=mask,
+                center=center,
+                axis_name=axis_name,
+                axis_index_groups=axis_index_groups,
+            )
+            out = prefix_merge(per_position, time)
+            if not keepdims:
+                pooled = tuple(a for a in axes if a != time)
+                out = Moments(*(jnp.squeeze(s, pooled) for s in out))
+            return out
     dtype = stat_dtype(x.dtype)
     x = x.astype(dtype)
     if mask is None:
