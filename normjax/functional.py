@@ -968,7 +968,8 @@ def prior_norm(
     pop_mean = batch_stats["mean"].reshape(group_shape)
     pop_var = batch_stats["var"].reshape(group_shape)
     sample_var = stats.variance(m)
-    y = standardize(x_grouped, m, epsilon)
+    y = standardize(x_grouped, m, epsilon).reshape(x.shape)
+    y = affine(y, params, (x.ndim - 1,), name=name).reshape(x_grouped.shape)
     offsets = {
         "prior_mean": (
             prior_mean,
@@ -988,8 +989,7 @@ def prior_norm(
                 f"{coefficient.shape}."
             )
         y = y + coefficient.reshape(groups, channels // groups).astype(y.dtype) * offset
-    y = affine(y.reshape(x.shape), params, (x.ndim - 1,), name=name)
-    y = _output(y, x, dtype)
+    y = _output(y.reshape(x.shape), x, dtype)
     if not train:
         return _returns(y, batch_stats, {}, return_moments)
     # Population statistics per group: the group's moments over everything else

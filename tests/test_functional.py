@@ -453,3 +453,282 @@ def test_bad_input_gives_clear_errors():
         F.layer_norm(x, mask=jnp.ones((3,), bool))
     with pytest.raises(ValueError, match="feature_axes may not include axis 0"):
         F.instance_norm(x, feature_axes=0)
+
+
+# ------------------------------------------------------------- research norms
+
+
+def ref_batch_stats(x, feature_axes):
+    axes = tuple(a for a in range(x.ndim) if a not in feature_axes)
+    return x.mean(axes, keepdims=True), x.var(axes, keepdims=True)
+
+
+@pytest.mark.parametrize("r_max,d_max", [(1.0, 0.0), (1.5, 0.5), (3.0, 5.0)])
+def test_batch_renorm_matches_paper_formula(r_max, d_max):
+    rng = np.random.default_rng(20)
+    x = rng.normal(1.0, 2.0, size=(16, 3, 6))
+    running = {"mean": rng.normal(size=6), "var": rng.uniform(0.5, 3, size=6)}
+    eps = 1e-5
+    y, new = F.batch_renorm(
+        jnp.asarray(x, jnp.float32),
+        None,
+        jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), running),
+        train=True,
+        r_max=r_max,
+        d_max=d_max,
+        momentum=0.9,
+    )
+    mu_b, var_b = ref_batch_stats(x, (2,))
+    sigma_b, sigma = np.sqrt(var_b + eps), np.sqrt(running["var"] + eps)
+    r = np.clip(sigma_b / sigma, 1 / r_max, r_max)
+    d = np.clip((mu_b - running["mean"]) / sigma, -d_max, d_max)
+    np.testing.assert_allclose(y, (x - mu_b) / sigma_b * r + d, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        new["mean"], 0.9 * running["mean"] + 0.1 * mu_b.ravel(), rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        new["var"], 0.9 * running["var"] + 0.1 * var_b.ravel(), rtol=1e-5
+    )
+    if r_max == 1.0:  # r = 1, d = 0: batch norm
+        np.testing.assert_allclose(
+            y, F.batch_norm(jnp.asarray(x, jnp.float32), train=True)[0], atol=1e-5
+        )
+    y_eval, _ = F.batch_renorm(
+        jnp.asarray(x, jnp.float32), None, new, train=False, r_max=r_max
+    )
+    ref_eval = (x - np.asarray(new["mean"])) / np.sqrt(np.asarray(new["var"]) + eps)
+    np.testing.assert_allclose(y_eval, ref_eval, rtol=1e-4, atol=1e-4)
+
+
+def test_batch_renorm_gradient_treats_r_and_d_as_constants():
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(21)
+        x = jnp.asarray(rng.normal(1.0, 2.0, size=(8, 5)))
+        running = {"mean": jnp.zeros(5), "var": jnp.full(5, 0.5)}
+        w = jnp.asarray(rng.normal(size=(8, 5)))
+        eps = 1e-5
+        mu = np.asarray(x).mean(0)
+        sigma_b = np.sqrt(np.asarray(x).var(0) + eps)
+        r = np.clip(sigma_b / np.sqrt(0.5 + eps), 1 / 1.2, 1.2)  # constants
+        d = np.clip(mu / np.sqrt(0.5 + eps), -0.3, 0.3)
+
+        def reference(x):
+            mean = x.mean(0)
+            return jnp.sum(w * ((x - mean) / jnp.sqrt(x.var(0) + eps) * r + d))
+
+        def ours(x):
+            y, _ = F.batch_renorm(x, None, running, train=True, r_max=1.2, d_max=0.3)
+            return jnp.sum(w * y)
+
+        np.testing.assert_allclose(jax.grad(ours)(x), jax.grad(reference)(x), rtol=1e-8)
+
+
+def test_renorm_limits_schedule():
+    limits = [
+        F.renorm_limits(s, 3.0, 5.0, (10, 50, 30)) for s in (0, 10, 20, 30, 50, 99)
+    ]
+    r, d = np.array(limits).T
+    np.testing.assert_allclose(r, [1, 1, 1.5, 2, 3, 3])
+    np.testing.assert_allclose(d, [0, 0, 2.5, 5, 5, 5])
+
+
+SOURCES = ("running", "batch")
+
+
+@pytest.mark.parametrize(
+    "inference",
+    [(a, b, c, d) for a in SOURCES for b in SOURCES for c in SOURCES for d in SOURCES],
+)
+def test_bln_matches_paper_formula_in_all_16_inference_configs(inference):
+    rng = np.random.default_rng(22)
+    x = rng.normal(0.5, 2.0, size=(4, 3, 6))
+    params = params_for(rng, (6,))
+    running = {
+        "mean": rng.normal(size=6),
+        "var": rng.uniform(0.5, 2, size=6),
+        "feature_mean": np.float64(0.3),
+        "feature_var": np.float64(1.7),
+    }
+    run32 = jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), running)
+    eps, B = 1e-5, 4
+    mu_b, var_b = ref_batch_stats(x, (2,))
+    mu_f, var_f = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+
+    def expected(sources):
+        pick = lambda s, batch, run: batch if s == "batch" else run  # noqa: E731
+        xb = (x - pick(sources[0], mu_b, running["mean"])) / np.sqrt(
+            pick(sources[1], var_b, running["var"]) + eps
+        )
+        xf = (x - pick(sources[2], mu_f, running["feature_mean"])) / np.sqrt(
+            pick(sources[3], var_f, running["feature_var"]) + eps
+        )
+        y = xf / B + (1 - 1 / B) * xb
+        return ref_affine(y, params["scale"], params["bias"], (2,))
+
+    y, new = F.batch_layer_norm(
+        jnp.asarray(x, jnp.float32), params, run32, train=True, momentum=0.9
+    )
+    np.testing.assert_allclose(y, expected(("batch",) * 4), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        new["mean"], 0.9 * running["mean"] + 0.1 * mu_b.ravel(), rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        new["var"], 0.9 * running["var"] + 0.1 * var_b.ravel(), rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        new["feature_mean"], 0.9 * 0.3 + 0.1 * mu_f.mean(), rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        new["feature_var"], 0.9 * 1.7 + 0.1 * var_f.mean(), rtol=1e-5
+    )
+    y_eval, same = F.batch_layer_norm(
+        jnp.asarray(x, jnp.float32), params, run32, train=False, inference=inference
+    )
+    assert same is run32
+    np.testing.assert_allclose(y_eval, expected(inference), rtol=1e-4, atol=1e-4)
+
+
+def test_bln_at_batch_size_one_is_finite_and_equals_feature_part():
+    x = jnp.asarray(np.random.default_rng(23).normal(size=(1, 5, 6)), jnp.float32)
+    running = {
+        "mean": jnp.zeros(6),
+        "var": jnp.ones(6),
+        "feature_mean": jnp.zeros(()),
+        "feature_var": jnp.ones(()),
+    }
+    y, grad = jax.value_and_grad(
+        lambda x: jnp.sum(F.batch_layer_norm(x, None, running, train=True)[0] ** 3)
+    )(x)
+    assert np.isfinite(y) and np.all(np.isfinite(grad))
+    np.testing.assert_allclose(
+        F.batch_layer_norm(x, None, running, train=True)[0],
+        F.layer_norm(x, epsilon=1e-5),
+        atol=1e-5,
+    )
+
+
+def ref_prior(x, groups, coef_mean, coef_scale, pop_mean, pop_var, eps, params):
+    n, c = x.shape[0], x.shape[-1]
+    xg = x.reshape(n, -1, groups, c // groups)
+    mu = xg.mean((1, 3), keepdims=True)
+    var = xg.var((1, 3), keepdims=True)
+    pm = pop_mean.reshape(1, 1, groups, 1)
+    pv = pop_var.reshape(1, 1, groups, 1)
+    y = (xg - mu) / np.sqrt(var + eps)
+    y = y * params["scale"].reshape(groups, -1) + params["bias"].reshape(groups, -1)
+    y = y + coef_mean.reshape(groups, -1) * (mu - pm) / np.sqrt(pv + eps)
+    y = y + coef_scale.reshape(groups, -1) * 0.5 * np.log((var + eps) / (pv + eps))
+    return y.reshape(x.shape)
+
+
+def test_prior_norm_matches_its_formula_and_updates_population_stats():
+    rng = np.random.default_rng(24)
+    x = rng.normal(1.0, 2.0, size=(4, 3, 3, 8)) * rng.uniform(0.5, 2, size=(4, 1, 1, 1))
+    params = {k: np.asarray(v, np.float64) for k, v in params_for(rng, (8,)).items()}
+    coef_mean, coef_scale = rng.normal(size=8), rng.normal(size=8)
+    pop = {"mean": rng.normal(size=2), "var": rng.uniform(0.5, 2, size=2)}
+    all_params = {**params, "prior_mean": coef_mean, "prior_scale": coef_scale}
+    as32 = lambda t: jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), t)  # noqa: E731
+    y, new = F.prior_norm(
+        jnp.asarray(x, jnp.float32),
+        as32(all_params),
+        as32(pop),
+        train=True,
+        num_groups=2,
+        momentum=0.9,
+    )
+    want = ref_prior(x, 2, coef_mean, coef_scale, pop["mean"], pop["var"], 1e-5, params)
+    np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4)
+    xg = x.reshape(4, 9, 2, 4)
+    np.testing.assert_allclose(
+        new["mean"], 0.9 * pop["mean"] + 0.1 * xg.mean((0, 1, 3)), rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        new["var"], 0.9 * pop["var"] + 0.1 * xg.var((0, 1, 3)), rtol=1e-5
+    )
+    # Per sample: identical in training and evaluation, and sample 0 does not see
+    # the others.
+    y_eval, _ = F.prior_norm(
+        jnp.asarray(x, jnp.float32),
+        as32(all_params),
+        as32(pop),
+        train=False,
+        num_groups=2,
+    )
+    np.testing.assert_allclose(y_eval, y, atol=1e-6)
+    x2 = x.copy()
+    x2[1:] = rng.normal(size=x2[1:].shape) * 10
+    y2, _ = F.prior_norm(
+        jnp.asarray(x2, jnp.float32),
+        as32(all_params),
+        as32(pop),
+        train=True,
+        num_groups=2,
+    )
+    np.testing.assert_allclose(y2[0], y[0], atol=1e-6)
+    # Zero coefficients: group norm.
+    y0, _ = F.prior_norm(
+        jnp.asarray(x, jnp.float32), as32(params), as32(pop), train=True, num_groups=2
+    )
+    np.testing.assert_allclose(
+        y0,
+        F.group_norm(
+            jnp.asarray(x, jnp.float32), as32(params), num_groups=2, epsilon=1e-5
+        ),
+        atol=1e-5,
+    )
+
+
+def test_evonorm_s0_matches_its_formula():
+    rng = np.random.default_rng(25)
+    x = rng.normal(0.5, 2.0, size=(3, 4, 4, 8))
+    params = {
+        "v": rng.normal(size=8),
+        "scale": rng.uniform(0.5, 2, 8),
+        "bias": rng.normal(size=8),
+    }
+    y = F.evonorm_s0(
+        jnp.asarray(x, jnp.float32), jax.tree.map(jnp.asarray, params), num_groups=4
+    )
+    xg = x.reshape(3, 16, 4, 2)
+    std = np.sqrt(xg.var((1, 3), keepdims=True) + 1e-5)
+    numerator = x * (1 / (1 + np.exp(-params["v"] * x)))
+    want = (numerator.reshape(xg.shape) / std).reshape(x.shape) * params[
+        "scale"
+    ] + params["bias"]
+    np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4)
+
+
+def test_batch_norm_causal_modes_match_references():
+    rng = np.random.default_rng(26)
+    x = rng.normal(1.0, 2.0, size=(3, 5, 4))
+    mask = rng.random((3, 5, 1)) < 0.8
+    mask[:, 0] = True
+    running = {
+        "mean": jnp.asarray(rng.normal(size=4), jnp.float32),
+        "var": jnp.asarray(rng.uniform(0.5, 2, 4), jnp.float32),
+    }
+    x32 = jnp.asarray(x, jnp.float32)
+    eps = 1e-5
+    y, new = F.batch_norm(
+        x32, None, running, train=True, causal=True, mask=mask, momentum=0.0
+    )
+    for t in range(5):
+        ref, _, _ = ref_normalize(x[:, : t + 1], (0, 1), mask[:, : t + 1], eps)
+        np.testing.assert_allclose(y[:, t], ref[:, t], rtol=1e-4, atol=1e-4)
+    _, pooled_mean, pooled_var = ref_normalize(x, (0, 1), mask, eps)
+    np.testing.assert_allclose(new["mean"], pooled_mean.ravel(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(new["var"], pooled_var.ravel(), rtol=1e-5)
+    y, new_pp = F.batch_norm(
+        x32, None, running, train=True, causal="per_position", mask=mask, momentum=0.0
+    )
+    ref, _, _ = ref_normalize(x, (0,), mask, eps)
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(new_pp["mean"], new["mean"], rtol=1e-5, atol=1e-6)
+    y, new_run = F.batch_norm(
+        x32, None, running, train=True, causal="running", mask=mask, momentum=0.0
+    )
+    np.testing.assert_allclose(y, F.batch_norm(x32, None, running, train=False)[0])
+    np.testing.assert_allclose(new_run["var"], new["var"], rtol=1e-5)
+    with pytest.raises(ValueError, match="not a causal mode"):
+        F.batch_norm(x32, None, running, train=True, causal="future")

@@ -44,10 +44,85 @@ def test_overrides_reach_the_module():
 
 
 def test_unknown_name_lists_valid_names():
-    with pytest.raises(ValueError, match="unknown norm .btach.; valid names are: batch, batch_renorm"):
+    with pytest.raises(
+        ValueError, match="unknown norm .btach.; valid names are: batch, batch_renorm"
+    ):
         normjax.make_norm("btach")
 
 
 def test_unknown_override_lists_accepted_options():
     with pytest.raises(TypeError, match="LayerNorm accepts: .*epsilon"):
         normjax.make_norm("layer", momentum=0.9)
+
+
+def _run(norm, variables, x, train, mask=None):
+    y, _ = norm.apply(
+        variables, x, use_running_average=not train, mask=mask, mutable=["batch_stats"]
+    )
+    return y
+
+
+def _trained_variables(norm, x):
+    """Variables after one training step, so running statistics are not trivial."""
+    variables = norm.init(jax.random.key(1), x, use_running_average=False)
+    _, updates = norm.apply(
+        variables, x * 1.5 + 0.5, use_running_average=False, mutable=["batch_stats"]
+    )
+    return {**variables, **updates}
+
+
+@pytest.mark.parametrize("name", normjax.names())
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_causal_mode_never_lets_position_t_see_later_positions(name, train):
+    norm = normjax.make_norm(name, causal=True)
+    x = jax.random.normal(jax.random.key(0), (4, 7, 16)) * 2 + 1
+    variables = _trained_variables(norm, x)
+    future = jax.random.normal(jax.random.key(2), x.shape) * 5 - 3
+    for t in (0, 3, 5):
+        changed = x.at[:, t + 1 :].set(future[:, t + 1 :])
+        before, after = (
+            _run(norm, variables, x, train),
+            _run(norm, variables, changed, train),
+        )
+        np.testing.assert_allclose(
+            before[:, : t + 1], after[:, : t + 1], rtol=1e-5, atol=1e-5
+        )
+
+
+def test_batch_norm_over_batch_and_time_leaks_without_causal_mode():
+    norm = normjax.make_norm("batch")
+    x = jax.random.normal(jax.random.key(0), (4, 7, 16))
+    variables = _trained_variables(norm, x)
+    changed = x.at[:, 4:].set(10.0)
+    before, after = _run(norm, variables, x, True), _run(norm, variables, changed, True)
+    assert np.max(np.abs(before[:, :4] - after[:, :4])) > 0.1
+
+
+@pytest.mark.parametrize("name", normjax.names())
+@pytest.mark.parametrize("causal", [False, True], ids=["pooled", "causal"])
+def test_padded_positions_never_enter_the_statistics(name, causal):
+    norm = normjax.make_norm(name, causal=causal)
+    x = jax.random.normal(jax.random.key(0), (4, 7, 16)) * 2 + 1
+    valid = jnp.arange(7)[None, :, None] < jnp.array([7, 5, 3, 6])[:, None, None]
+    variables = _trained_variables(norm, x)
+    garbage = jnp.where(valid, x, 1e4)
+    before = _run(norm, variables, x, True, mask=valid)
+    after = _run(norm, variables, garbage, True, mask=valid)
+    v = np.broadcast_to(np.asarray(valid), x.shape)
+    np.testing.assert_allclose(
+        np.asarray(before)[v], np.asarray(after)[v], rtol=1e-5, atol=1e-5
+    )
+
+
+@pytest.mark.parametrize("name", normjax.names())
+def test_finite_gradients_at_batch_size_one(name):
+    norm = normjax.make_norm(name)
+    x = jax.random.normal(jax.random.key(0), (1, 4, 4, 16))
+    variables = norm.init(jax.random.key(1), x, use_running_average=False)
+
+    def loss(params, x):
+        y = _run(norm, {**variables, "params": params}, x, True)
+        return jnp.sum(jnp.sin(y))
+
+    grads = jax.grad(loss, argnums=(0, 1))(variables.get("params", {}), x)
+    assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))

@@ -1,0 +1,415 @@
+"""Precise population statistics, and evaluation under a chosen statistics source.
+
+The running statistics of batch norm are an exponential moving average of batch
+statistics taken while the weights moved: noisy, and lagging behind the final
+weights. Wu & Johnson (2021, "Rethinking 'Batch' in BatchNorm", section 3)
+recompute them after training instead: run the final model over K batches and
+pool each layer's batch statistics with equal weight per element ("precise BN").
+normjax statistics merge exactly (``stats.Moments``), so the pooled statistics are
+those of the K batches concatenated, whatever their sizes or masks.
+
+Two things here, both for any Flax model that contains normjax batch-statistics
+modules anywhere in its tree, without editing it:
+
+* :func:`precise_batch_stats` (and :func:`precise_moments`,
+  :func:`batch_stats_from_moments` underneath) recompute ``batch_stats``;
+* :func:`evaluate` / :func:`make_eval_fn` run the model with its normalization
+  statistics taken from ``'running'`` (the EMA in ``batch_stats``), ``'precise'``
+  (recomputed statistics) or ``'batch'`` (the current batch's).
+
+Both rely on two hooks of :mod:`normjax.nn`: the context manager
+``nn.statistics_source(source)``, which makes every batch-statistics module
+normalize with ``'running'`` or ``'batch'`` statistics whatever its
+``use_running_average`` (at trace time, so every function here enters it *inside*
+the function it jits), and the ``'moments'`` collection, where a module that
+computed batch statistics stores them as ``moments/{p}count, {p}mean, {p}m2``
+(feature shape) for its running statistics ``batch_stats/{p}mean, {p}var``.
+
+Model calls: ``model.apply(variables, *args, method=method, **apply_kwargs)``
+where ``args`` is the batch — a tuple is unpacked into positional inputs, anything
+else is the single positional input. For batches of another form (dicts, extra
+keyword inputs) pass a function as ``method``, as Flax allows::
+
+    precise_batch_stats(
+        model, variables, (b for b in dataset),
+        method=lambda m, b: m(b["image"], mask=b["mask"], train=False),
+    )
+
+Batch-statistics layers that do not follow the protocol (e.g. ``flax.linen``'s
+own ``BatchNorm``) are not switched by the source and get no precise statistics;
+:func:`precise_batch_stats` warns about running statistics it left unchanged.
+"""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax.core import unfreeze
+from flax.traverse_util import flatten_dict, unflatten_dict
+
+from normjax import nn as norms
+from normjax import stats
+from normjax.stats import Moments
+
+Array = jax.Array
+Variables = Mapping[str, Any]
+Tree = Mapping[str, Any]
+# (module path..., prefix) -> the moments of the statistic pair {prefix}mean/var.
+_Grouped = dict[tuple[str, ...], Moments]
+
+SOURCES = ("running", "precise", "batch")
+_MOMENT_KEYS = ("count", "mean", "m2")
+
+
+def _check_source(source: str) -> None:
+    if source not in SOURCES:
+        raise ValueError(
+            f"unknown statistics source {source!r}; valid sources are: "
+            f"{', '.join(SOURCES)}."
+        )
+
+
+def _as_args(batch: Any) -> tuple[Any, ...]:
+    """A tuple batch is the positional inputs; anything else is the only one."""
+    return batch if isinstance(batch, tuple) else (batch,)
+
+
+def _without(variables: Variables, *collections: str) -> dict[str, Any]:
+    return {k: v for k, v in variables.items() if k not in collections}
+
+
+# ---------------------------------------------------------------- moments trees
+
+
+def _group(moments: Tree) -> _Grouped:
+    """``{path: {p}count, {p}mean, {p}m2}`` -> ``{(*path, p): Moments}``."""
+    flat = flatten_dict(unfreeze(moments))
+    out: _Grouped = {}
+    for key in flat:
+        *path, leaf = key
+        if not leaf.endswith("count"):
+            continue
+        prefix = leaf[: -len("count")]
+        missing = [k for k in _MOMENT_KEYS if (*path, prefix + k) not in flat]
+        if missing:
+            raise ValueError(
+                f"'moments' of layer {'/'.join(path)!r} has {leaf!r} but not "
+                f"{[prefix + k for k in missing]}; a batch-statistics module must "
+                "store {p}count, {p}mean and {p}m2 together."
+            )
+        out[(*path, prefix)] = Moments(
+            *(jnp.asarray(flat[(*path, prefix + k)]) for k in _MOMENT_KEYS)
+        )
+    return out
+
+
+def _ungroup(grouped: _Grouped) -> dict[str, Any]:
+    """Inverse of :func:`_group`: the nested ``'moments'`` collection."""
+    flat = {}
+    for (*path, prefix), m in grouped.items():
+        for k, value in zip(_MOMENT_KEYS, m, strict=True):
+            flat[(*path, prefix + k)] = value
+    return unflatten_dict(flat)
+
+
+def _is_moments(x: Any) -> bool:
+    return isinstance(x, Moments)
+
+
+@jax.jit
+def _merge_grouped(a: _Grouped, b: _Grouped) -> _Grouped:
+    return jax.tree.map(stats.merge, a, b, is_leaf=_is_moments)
+
+
+def _merge_all(parts: list[tuple[int, _Grouped]]) -> _Grouped:
+    merged = parts[-1][1]
+    for _, part in reversed(parts[:-1]):
+        merged = _merge_grouped(part, merged)
+    return merged
+
+
+# ------------------------------------------------------------ precise statistics
+
+
+def _fold_in(rngs: Any, index: int) -> Any:
+    """Every key in ``rngs`` (a key or a dict of keys) folded with ``index``."""
+    return jax.tree.map(lambda key: jax.random.fold_in(key, index), rngs)
+
+
+def precise_moments(
+    model: Any,
+    variables: Variables,
+    batches: Iterable[Any],
+    *,
+    num_batches: int | None = None,
+    method: Callable[..., Any] | str | None = None,
+    **apply_kwargs: Any,
+) -> dict[str, Any]:
+    """The moments of every batch-statistics layer's input, pooled over batches.
+
+    Runs ``model.apply(variables, *batch, method=method, **apply_kwargs)`` on each
+    of the first ``num_batches`` batches (all if None) under
+    ``nn.statistics_source('batch')`` with the ``'moments'`` collection mutable,
+    and merges each layer's moments exactly: every valid element of every batch
+    has equal weight, so the result is the statistics of the concatenated batches.
+
+    Upstream of each layer, every layer normalizes with the statistics of the
+    batch, as in training (Wu & Johnson's precise BN): a layer's population
+    statistics are those of the features it saw while training. Batches should
+    therefore have the training batch size. Pass the evaluation keyword arguments
+    (e.g. ``train=False``: no dropout); batch norms are switched by the context,
+    and their running statistics are neither used nor updated. If
+    ``apply_kwargs`` holds ``rngs`` (e.g. to keep dropout on with ``train=True``),
+    each batch gets them folded in with its index.
+
+    One jitted step per input shape (a last, smaller batch compiles once more);
+    only the per-layer moments are kept, merged pairwise as batches arrive
+    (O(log K) trees of feature-shaped arrays, rounding error O(log K)).
+
+    Args:
+      model: a Flax linen module.
+      variables: its variables (``params``, ``batch_stats``, ...).
+      batches: an iterable of model inputs: a tuple of positional inputs, or the
+        single positional input (e.g. images N x H x W x C).
+      num_batches: use at most this many batches.
+      method, apply_kwargs: passed to ``model.apply``.
+
+    Returns:
+      The merged ``'moments'`` collection, ``{layer path: {p}count, {p}mean,
+      {p}m2}`` with feature-shaped float32 leaves; empty if the model has no
+      batch-statistics layer.
+    """
+    if num_batches is not None:
+        if num_batches < 1:
+            raise ValueError(f"num_batches must be >= 1, got {num_batches}.")
+        batches = itertools.islice(batches, num_batches)
+    if "mutable" in apply_kwargs:
+        raise ValueError(
+            "precise_moments sets mutable=['moments'] itself; remove 'mutable' "
+            "from the keyword arguments."
+        )
+    rngs = apply_kwargs.pop("rngs", None)
+    variables = _without(variables, "moments")
+
+    def step(variables: Variables, args: tuple[Any, ...], rngs: Any) -> _Grouped:
+        # Entered while tracing, so the jitted step always sees batch statistics.
+        with norms.statistics_source("batch"):
+            _, state = model.apply(
+                variables,
+                *args,
+                method=method,
+                mutable=["moments"],
+                rngs=rngs,
+                **apply_kwargs,
+            )
+        return _group(state.get("moments", {}))
+
+    step = jax.jit(step)
+    # A binary counter of merged parts: part sizes (in batches) are decreasing
+    # powers of two, so each batch's moments pass through O(log K) merges.
+    parts: list[tuple[int, _Grouped]] = []
+    for index, batch in enumerate(batches):
+        batch_rngs = None if rngs is None else _fold_in(rngs, index)
+        size, merged = 1, step(variables, _as_args(batch), batch_rngs)
+        while parts and parts[-1][0] == size:
+            previous_size, previous = parts.pop()
+            merged, size = _merge_grouped(previous, merged), size + previous_size
+        parts.append((size, merged))
+    if not parts:
+        raise ValueError(
+            "precise statistics need at least one batch, but `batches` is empty."
+        )
+    return _ungroup(_merge_all(parts))
+
+
+def batch_stats_from_moments(
+    batch_stats: Tree, moments: Tree, *, warn: bool = True
+) -> dict[str, Any]:
+    """``batch_stats`` with each ``{p}mean``/``{p}var`` that has moments replaced.
+
+    ``moments/{path}/{p}count, {p}mean, {p}m2`` (e.g. from
+    :func:`precise_moments`) give ``batch_stats/{path}/{p}mean`` = mean and
+    ``{p}var`` = ``stats.variance`` (biased: over a population the Bessel factor
+    is 1). Every other entry (step counters, other state) is kept as is; layers
+    with moments but no running statistics are skipped. With ``warn``, warns
+    about ``*mean``/``*var`` pairs left unchanged (layers that never computed
+    batch statistics, or that do not follow the ``'moments'`` protocol).
+    """
+    flat = dict(flatten_dict(unfreeze(batch_stats)))
+    replaced = set()
+    for (*path, prefix), m in _group(moments).items():
+        keys = {"mean": (*path, prefix + "mean"), "var": (*path, prefix + "var")}
+        present = [k for k, key in keys.items() if key in flat]
+        if not present:
+            continue
+        layer = "/".join(path)
+        if len(present) == 1:
+            raise ValueError(
+                f"batch_stats of layer {layer!r} has {prefix + present[0]!r} but "
+                f"not its pair; expected {prefix}mean and {prefix}var."
+            )
+        values = {"mean": m.mean, "var": stats.variance(m)}
+        for k, key in keys.items():
+            old = flat[key]
+            if tuple(old.shape) != tuple(values[k].shape):
+                raise ValueError(
+                    f"layer {layer!r}: batch_stats {prefix + k!r} has shape "
+                    f"{tuple(old.shape)} but its moments have shape "
+                    f"{tuple(values[k].shape)}; the moments come from another "
+                    "model or input shape."
+                )
+            flat[key] = values[k].astype(old.dtype)
+            replaced.add(key)
+    if warn:
+        unchanged = [
+            "/".join(key[:-1] + (key[-1][: -len("mean")] + "{mean,var}",))
+            for key in flat
+            if key[-1].endswith("mean")
+            and key not in replaced
+            and (*key[:-1], key[-1][: -len("mean")] + "var") in flat
+        ]
+        if unchanged:
+            warnings.warn(
+                "precise statistics left these running statistics unchanged (no "
+                "'moments' were recorded for them: the layer did not compute "
+                "batch statistics or is not a normjax batch-statistics module): "
+                + ", ".join(unchanged),
+                stacklevel=2,
+            )
+    return unflatten_dict(flat) if flat else {}
+
+
+def precise_batch_stats(
+    model: Any,
+    variables: Variables,
+    batches: Iterable[Any],
+    *,
+    num_batches: int | None = None,
+    method: Callable[..., Any] | str | None = None,
+    **apply_kwargs: Any,
+) -> dict[str, Any]:
+    """A new ``batch_stats`` tree with precise population statistics.
+
+    Every ``{p}mean``/``{p}var`` of every normjax batch-statistics layer becomes
+    the mean and (biased) variance of that layer's input pooled over the first
+    ``num_batches`` of ``batches`` with equal weight per element (see
+    :func:`precise_moments` for how batches are fed and which features are
+    pooled); everything else in ``variables['batch_stats']`` is unchanged.
+    Use it as ``{**variables, 'batch_stats': precise_batch_stats(...)}``, or pass
+    it to :func:`evaluate` as ``precise_stats``.
+    """
+    moments = precise_moments(
+        model,
+        variables,
+        batches,
+        num_batches=num_batches,
+        method=method,
+        **apply_kwargs,
+    )
+    return batch_stats_from_moments(variables.get("batch_stats", {}), moments)
+
+
+# --------------------------------------------------------------------- evaluation
+
+
+def _missing_precise_stats() -> ValueError:
+    return ValueError(
+        "source='precise' needs precise_stats: compute them once with "
+        "normjax.calibrate.precise_batch_stats(model, variables, batches, "
+        "**apply_kwargs) over training batches, then pass "
+        "precise_stats=<the returned batch_stats>."
+    )
+
+
+def _with_precise(variables: Variables, precise_stats: Tree | None) -> dict:
+    if precise_stats is None:
+        raise _missing_precise_stats()
+    running = variables.get("batch_stats", {})
+    expected = jax.tree.structure(unfreeze(running))
+    got = jax.tree.structure(unfreeze(precise_stats))
+    if expected != got:
+        raise ValueError(
+            "precise_stats does not match variables['batch_stats'] (different "
+            "layers or entries); pass the batch_stats tree returned by "
+            "precise_batch_stats for these variables, not the whole variables. "
+            f"Expected {expected}, got {got}."
+        )
+    return {**variables, "batch_stats": precise_stats}
+
+
+def make_eval_fn(
+    model: Any,
+    *,
+    source: str,
+    precise_stats: Tree | None = None,
+    method: Callable[..., Any] | str | None = None,
+    jit: bool = True,
+    **apply_kwargs: Any,
+) -> Callable[..., Any]:
+    """``f(variables, *inputs) -> model.apply(...)`` with statistics from ``source``.
+
+    * ``'running'``: the running statistics in ``variables['batch_stats']``, under
+      ``nn.statistics_source('running')`` (so even ``train=True`` evaluates);
+    * ``'precise'``: the same with ``batch_stats`` replaced by ``precise_stats``
+      (from :func:`precise_batch_stats`);
+    * ``'batch'``: the statistics of the given batch, under
+      ``nn.statistics_source('batch')``; running statistics are not updated, so
+      ``batch_stats`` need not be mutable.
+
+    ``precise_stats`` is ignored by the other sources, so one loop can pass it to
+    all three. ``method`` and ``apply_kwargs`` (e.g. ``train=False``,
+    ``mutable=[...]``) go to ``model.apply``. The function is jitted (once per
+    input shape) unless ``jit=False``; the source is fixed when it is made, and
+    entered inside the traced function, so a jitted ``f`` keeps its source.
+    """
+    _check_source(source)
+    if source == "precise" and precise_stats is None:
+        raise _missing_precise_stats()
+    context = "batch" if source == "batch" else "running"
+
+    def apply(variables: Variables, *inputs: Any) -> Any:
+        with norms.statistics_source(context):
+            return model.apply(variables, *inputs, method=method, **apply_kwargs)
+
+    apply_fn = jax.jit(apply) if jit else apply
+
+    def f(variables: Variables, *inputs: Any) -> Any:
+        if source == "precise":
+            variables = _with_precise(variables, precise_stats)
+        return apply_fn(variables, *inputs)
+
+    return f
+
+
+def evaluate(
+    model: Any,
+    variables: Variables,
+    inputs: Any,
+    *,
+    source: str,
+    precise_stats: Tree | None = None,
+    method: Callable[..., Any] | str | None = None,
+    **apply_kwargs: Any,
+) -> Any:
+    """The model's output on ``inputs`` with normalization statistics from
+    ``source`` (``'running'``, ``'precise'`` or ``'batch'``; see
+    :func:`make_eval_fn`).
+
+    ``inputs`` is a tuple of positional inputs or the single one. Runs without
+    jit; to evaluate many batches, make the jitted function once with
+    :func:`make_eval_fn`.
+    """
+    fn = make_eval_fn(
+        model,
+        source=source,
+        precise_stats=precise_stats,
+        method=method,
+        jit=False,
+        **apply_kwargs,
+    )
+    return fn(variables, *_as_args(inputs))
