@@ -271,3 +271,116 @@ def test_wrong_stored_statistics_give_a_clear_error():
             jnp.ones((2, 8)),
             use_running_average=True,
         )
+
+
+# ----------------------------------------------------- research modules
+
+
+def test_statistics_source_overrides_use_running_average():
+    layer = nn.BatchNorm(use_running_average=True)  # Flax's usual eval pattern
+    x = jax.random.normal(jax.random.key(0), (8, 4)) * 3 + 2
+    variables = nn.BatchNorm().init(jax.random.key(1), x, use_running_average=False)
+    batch_normalized, _ = nn.BatchNorm().apply(
+        variables, x, use_running_average=False, mutable=["batch_stats"]
+    )
+    with nn.statistics_source("batch"):
+        y = layer.apply(variables, x)  # batch_stats need not be mutable
+    np.testing.assert_allclose(y, batch_normalized, rtol=1e-6)
+    with nn.statistics_source("running"):
+        y = nn.BatchNorm(use_running_average=False).apply(variables, x)
+    np.testing.assert_allclose(y, layer.apply(variables, x), rtol=1e-6)
+    with pytest.raises(ValueError, match="unknown statistics source"):
+        with nn.statistics_source("precise"):
+            pass
+
+
+def test_moments_collection_holds_the_batch_moments():
+    layer = nn.BatchNorm()
+    x = jax.random.normal(jax.random.key(0), (8, 4)) * 3 + 2
+    variables = layer.init(jax.random.key(1), x, use_running_average=False)
+    assert "moments" not in variables
+    _, out = layer.apply(
+        variables, x, use_running_average=False, mutable=["batch_stats", "moments"]
+    )
+    m = out["moments"]
+    np.testing.assert_allclose(m["count"], 8)
+    np.testing.assert_allclose(m["mean"], x.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(m["m2"], 8 * x.var(0), rtol=1e-5)
+
+
+def test_frozen_batch_norm_never_updates_and_uses_running_stats():
+    layer = nn.BatchNorm(frozen=True)
+    x = jax.random.normal(jax.random.key(0), (8, 4)) * 3 + 2
+    variables = layer.init(jax.random.key(1), x, use_running_average=False)
+    variables["batch_stats"] = {"mean": jnp.full(4, 2.0), "var": jnp.full(4, 9.0)}
+    y, out = layer.apply(
+        variables, x, use_running_average=False, mutable=["batch_stats"]
+    )
+    np.testing.assert_allclose(out["batch_stats"]["mean"], 2.0)
+    np.testing.assert_allclose(y, (x - 2.0) / jnp.sqrt(9.0 + 1e-5), rtol=1e-5)
+
+
+def test_batch_renorm_counts_steps_and_relaxes_limits():
+    layer = nn.BatchRenorm(relax=(1, 3, 3), momentum=0.5)
+    x = jax.random.normal(jax.random.key(0), (16, 4)) * 3 + 2
+    variables = layer.init(jax.random.key(1), x, use_running_average=False)
+    assert int(variables["batch_stats"]["steps"]) == 0
+    for expected_steps in (1, 2, 3):
+        y, out = layer.apply(
+            variables, x, use_running_average=False, mutable=["batch_stats"]
+        )
+        variables = {**variables, **out}
+        assert int(variables["batch_stats"]["steps"]) == expected_steps
+    layer.apply(variables, x, use_running_average=True)  # eval: no step counted
+    # Step 0 used r_max = 1, d_max = 0: batch norm exactly.
+    first = nn.BatchRenorm(relax=(1, 3, 3)).init(
+        jax.random.key(1), x, use_running_average=False
+    )
+    y, _ = nn.BatchRenorm(relax=(1, 3, 3)).apply(
+        first, x, use_running_average=False, mutable=["batch_stats"]
+    )
+    np.testing.assert_allclose(
+        y, (x - x.mean(0)) / jnp.sqrt(x.var(0) + 1e-5), atol=1e-5
+    )
+
+
+def test_prior_norm_starts_as_group_norm_and_bln_inference_is_switchable():
+    x = jax.random.normal(jax.random.key(0), (4, 5, 5, 8)) * 2 + 1
+    prior = nn.PriorNorm(num_groups=2)
+    variables = prior.init(jax.random.key(1), x, use_running_average=False)
+    assert set(variables["params"]) == {"scale", "bias", "prior_mean", "prior_scale"}
+    assert variables["batch_stats"]["mean"].shape == (2,)
+    y, _ = prior.apply(variables, x, use_running_average=False, mutable=["batch_stats"])
+    group = nn.GroupNorm(num_groups=2, epsilon=1e-5)
+    affine = {k: variables["params"][k] for k in ("scale", "bias")}
+    np.testing.assert_allclose(y, group.apply({"params": affine}, x), atol=1e-5)
+
+    bln = nn.BatchLayerNorm()
+    variables = bln.init(jax.random.key(1), x, use_running_average=False)
+    assert set(variables["batch_stats"]) == {
+        "mean",
+        "var",
+        "feature_mean",
+        "feature_var",
+    }
+    outputs = {
+        sources: bln.clone(inference=sources).apply(
+            variables, x, use_running_average=True
+        )
+        for sources in [("running",) * 4, ("batch",) * 4]
+    }
+    train_y, _ = bln.apply(
+        variables, x, use_running_average=False, mutable=["batch_stats"]
+    )
+    np.testing.assert_allclose(outputs[("batch",) * 4], train_y, atol=1e-5)
+    assert np.max(np.abs(outputs[("running",) * 4] - train_y)) > 0.1
+
+
+def test_evonorm_s0_variables():
+    x = jnp.ones((2, 4, 4, 8))
+    variables = nn.EvoNormS0(num_groups=4).init(jax.random.key(0), x)
+    assert jax.tree.map(jnp.shape, variables["params"]) == {
+        "v": (8,),
+        "scale": (8,),
+        "bias": (8,),
+    }
