@@ -34,6 +34,8 @@ import flax.linen as flax_nn
 import jax
 import jax.numpy as jnp
 
+import normjax
+
 DEFAULT_SHAPES: tuple[tuple[int, ...], ...] = (
     (256, 32, 32, 64),
     (128, 16, 16, 128),
@@ -51,6 +53,19 @@ LAYERS: dict[str, str] = {
     "group": "GroupNorm",
     "instance": "InstanceNorm",
 }
+
+# Research norms (registry names) have no flax.linen namesake: each is timed
+# against flax.linen.BatchNorm in training mode, the nearest baseline, and built
+# with ``normjax.make_norm(name)``. Their max|diff| is not defined (nan).
+RESEARCH: tuple[str, ...] = (
+    "batch_renorm",
+    "ghost_batch",
+    "bln",
+    "prior",
+    "evonorm_s0",
+    "power",
+)
+ALL_LAYERS: tuple[str, ...] = (*LAYERS, *RESEARCH)
 
 BYTES_DOC = (
     "bytes moved: fwd = 2*nbytes(x) (read x, write y); "
@@ -97,9 +112,9 @@ def parse_layers(spec: str) -> list[str]:
             continue
         if key.endswith("norm") and key[: -len("norm")] in LAYERS:
             key = key[: -len("norm")]
-        if key not in LAYERS:
+        if key not in ALL_LAYERS:
             raise argparse.ArgumentTypeError(
-                f"unknown layer {item!r}; choose from {','.join(LAYERS)}"
+                f"unknown layer {item!r}; choose from {','.join(ALL_LAYERS)}"
             )
         if key not in keys:
             keys.append(key)
@@ -141,8 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--layers",
         type=parse_layers,
-        default=list(LAYERS),
-        help=f"comma-separated subset of {','.join(LAYERS)}",
+        default=list(ALL_LAYERS),
+        help=f"comma-separated subset of {','.join(ALL_LAYERS)}",
     )
     p.add_argument(
         "--dtypes",
@@ -183,9 +198,9 @@ def _time_call(fn: Callable[..., Any], *args: Any) -> float:
 
 
 def time_interleaved(
-    fns: Sequence[Callable[..., Any]], args: Sequence[Any], repeats: int
+    fns: Sequence[Callable[..., Any]], args: Sequence[tuple[Any, ...]], repeats: int
 ) -> list[float]:
-    """Median seconds of each ``fn(*args)``, with runs interleaved across ``fns``.
+    """Median seconds of each ``fns[i](*args[i])``, runs interleaved across ``fns``.
 
     The functions must already be compiled. One untimed round runs first, so
     that no function is timed straight after another's compilation, and the
@@ -193,11 +208,11 @@ def time_interleaved(
     """
     times: list[list[float]] = [[] for _ in fns]
     order = list(range(len(fns)))
-    for fn in fns:
-        jax.block_until_ready(fn(*args))
+    for fn, a in zip(fns, args, strict=True):
+        jax.block_until_ready(fn(*a))
     for r in range(repeats):
         for i in order if r % 2 == 0 else reversed(order):
-            times[i].append(_time_call(fns[i], *args))
+            times[i].append(_time_call(fns[i], *args[i]))
     return [statistics.median(t) for t in times]
 
 
@@ -261,7 +276,7 @@ def layer_kwargs(key: str, shape: Sequence[int], dtype: str) -> dict[str, Any]:
 
 def make_apply(module: flax_nn.Module, key: str) -> ApplyFn:
     """Return ``apply(variables, x) -> (y, aux)``; aux is BatchNorm's new stats."""
-    if key == "batch":
+    if key == "batch" or key in RESEARCH:
 
         def apply(variables: Any, x: Array) -> tuple[Array, Any]:
             y, updates = module.apply(
@@ -325,31 +340,43 @@ def bench_case(
     copy_bw: float,
 ) -> list[dict[str, Any]]:
     """Benchmark one layer on one input; returns one row per pass."""
-    name = LAYERS[key]
     kwargs = layer_kwargs(key, x.shape, str(x.dtype))
-    ref_mod = getattr(flax_nn, name)(**kwargs)
-    new_mod = getattr(impl, name)(**kwargs)
-    # Both implementations get the same (flax-initialised) variable tree.
-    init_kwargs = {"use_running_average": False} if key == "batch" else {}
+    if key in RESEARCH:
+        ref_mod = flax_nn.BatchNorm(**kwargs)
+        groups = {"num_groups": math.gcd(8, x.shape[-1])} if key == "prior" else {}
+        if key == "evonorm_s0":
+            groups = {"num_groups": math.gcd(DEFAULT_GROUPS, x.shape[-1])}
+        new_mod = normjax.make_norm(key, **kwargs, **groups)
+        label = f"{key} (vs BN)"
+    else:
+        name = LAYERS[key]
+        ref_mod = getattr(flax_nn, name)(**kwargs)
+        new_mod = getattr(impl, name)(**kwargs)
+        label = name
+        if key == "group" and kwargs["num_groups"] != DEFAULT_GROUPS:
+            label = f"{name}(g={kwargs['num_groups']})"
+    train_mode = key == "batch" or key in RESEARCH
+    init_kwargs = {"use_running_average": False} if train_mode else {}
     variables = ref_mod.init(jax.random.PRNGKey(1), x, **init_kwargs)
+    new_variables = variables
+    if key in RESEARCH:  # its own variables; namesakes share Flax's.
+        new_variables = new_mod.init(
+            jax.random.PRNGKey(1), x, use_running_average=False
+        )
     ref_apply, new_apply = make_apply(ref_mod, key), make_apply(new_mod, key)
-
-    label = name
-    if key == "group" and kwargs["num_groups"] != DEFAULT_GROUPS:
-        label = f"{name}(g={kwargs['num_groups']})"
 
     rows = []
     for pass_ in PASSES:
         if pass_ == "fwd":
             fns = [make_fwd(ref_apply), make_fwd(new_apply)]
-            args: tuple[Any, ...] = (variables, x)
+            args: list[tuple[Any, ...]] = [(variables, x), (new_variables, x)]
             nbytes = 2 * x.nbytes
         else:
             fns = [make_fwd_bwd(ref_apply), make_fwd_bwd(new_apply)]
-            args = (variables, x, dy)
+            args = [(variables, x, dy), (new_variables, x, dy)]
             nbytes = 5 * x.nbytes
-        outs = [jax.block_until_ready(f(*args)) for f in fns]  # compile + warm-up
-        diff = _max_abs_diff(outs[0], outs[1])
+        outs = [jax.block_until_ready(f(*a)) for f, a in zip(fns, args, strict=True)]
+        diff = float("nan") if key in RESEARCH else _max_abs_diff(outs[0], outs[1])
         del outs
         flax_s, new_s = time_interleaved(fns, args, repeats)
         rows.append(
@@ -377,7 +404,7 @@ def bench_case(
 # --------------------------------------------------------------------------- #
 
 _COLUMNS = (
-    ("layer", 16, "{}"),
+    ("layer", 21, "{}"),
     ("shape", 16, "{}"),
     ("dtype", 8, "{}"),
     ("pass", 7, "{}"),
@@ -422,12 +449,20 @@ def format_header() -> str:
 
 
 def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
-    """Median normjax/flax ratio per pass."""
+    """Median ratio per pass: ``fwd``/``fwd+bwd`` over the flax.linen namesakes,
+    ``research fwd``/``research fwd+bwd`` over the research norms (vs BatchNorm)."""
     out = {}
-    for pass_ in PASSES:
-        ratios = [r["ratio"] for r in rows if r["pass"] == pass_]
-        if ratios:
-            out[pass_] = statistics.median(ratios)
+    for research in (False, True):
+        for pass_ in PASSES:
+            ratios = [
+                r["ratio"]
+                for r in rows
+                if r["pass"] == pass_ and r["layer"].endswith("(vs BN)") == research
+            ]
+            if ratios:
+                out[("research " if research else "") + pass_] = statistics.median(
+                    ratios
+                )
     return out
 
 
