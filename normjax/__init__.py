@@ -1,7 +1,15 @@
 """normjax: normalization layers with explicit statistics for JAX/Flax."""
 
-from normjax import functional, nn, stats
+from normjax import calibrate, functional, nn, power, stats
 from normjax.registry import make_norm, names
 
-__all__ = ["functional", "make_norm", "names", "nn", "stats"]
+__all__ = [
+    "calibrate",
+    "functional",
+    "make_norm",
+    "names",
+    "nn",
+    "power",
+    "stats",
+]
 __version__ = "0.1.0"

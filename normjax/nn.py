@@ -641,3 +641,119 @@ class Identity(nn.Module):
     ) -> Array:
         del use_running_average, mask
         return x
+
+
+# ---------------------------------------------------------------------- PowerNorm
+
+from normjax import power  # noqa: E402  (appended after the modules above)
+
+
+class PowerNorm(_BatchStatistics):
+    """PowerNorm (Shen et al. 2020) with BatchNorm's interface; the math is in
+    ``normjax.power`` (running quadratic mean in the forward, the paper's
+    approximate backward with its running ``nu``).
+
+    Variables: ``params/{scale,bias}``; ``batch_stats/{psi2,nu,steps}`` (PN-V:
+    ``psi2`` only); and, for PN, ``perturbations/nu``: a zero that carries nu's
+    update out of the backward pass. ``psi2`` and ``steps`` are updated when
+    ``use_running_average`` is False and ``batch_stats`` is mutable, never while
+    initializing; ``nu`` is updated from the gradient w.r.t. the perturbations::
+
+        def loss_fn(params, perturbations):  # variables from model.init
+            out, updates = model.apply({'params': params, 'batch_stats':
+                batch_stats, 'perturbations': perturbations}, x, train=True,
+                mutable=['batch_stats'])
+            return loss(out), updates['batch_stats']
+
+        (grads, nu_grads), batch_stats = jax.grad(loss_fn, argnums=(0, 1),
+            has_aux=True)(params, variables['perturbations'])
+        batch_stats = power.apply_nu_updates(batch_stats, nu_grads)
+
+    The gradient w.r.t. a perturbation is the increment ``nu_t - nu_{t-1}``; the
+    parameter gradients are the same with or without it. A plain train step (no
+    perturbations passed, or not differentiated) trains the same way but nu keeps
+    its value. Under ``pmap``, ``pmean`` the perturbation gradients with the
+    others (every device computes the same increment from pooled statistics when
+    ``axis_name`` is set).
+
+    Fields beyond BatchNorm's: ``warmup_steps``, ``warmup_gradient`` and
+    ``nu_momentum`` (see ``power.power_norm``), ``variant`` ('pn' or 'pn-v'),
+    and ``causal`` / ``time_axis``: batch statistics used in the forward (warm-up,
+    PN-V) are cumulative over positions <= t (or per position, or never: see
+    ``functional.CAUSAL_MODES``), so a decoder cannot see later tokens through
+    them. Under ``statistics_source('batch')`` it normalizes with the current
+    batch's quadratic mean (PN-V's forward) and updates nothing. It writes no
+    'moments' collection: its running statistic, psi2, is a mean square, outside
+    ``calibrate``'s mean/var protocol.
+    """
+
+    use_running_average: bool | None = None
+    axis: int | tuple[int, ...] = -1
+    momentum: float = 0.99
+    epsilon: float = 1e-5
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+    use_bias: bool = True
+    use_scale: bool = True
+    bias_init: Initializer = zeros
+    scale_init: Initializer = ones
+    axis_name: str | None = None
+    axis_index_groups: Any = None
+    warmup_steps: int = 0
+    variant: str = "pn"
+    warmup_gradient: str = "exact"
+    nu_momentum: float | None = None
+    causal: bool | str = False
+    time_axis: int = 1
+
+    @nn.compact
+    def __call__(
+        self,
+        x: Array,
+        use_running_average: bool | None = None,
+        *,
+        mask: Array | None = None,
+    ) -> Array:
+        feature_shape = _feature_shape(x, self.axis, "PowerNorm axis")
+        variables = {
+            "psi2": self.variable(
+                "batch_stats", "psi2", jnp.ones, feature_shape, jnp.float32
+            )
+        }
+        if self.variant == "pn":
+            variables["nu"] = self.variable(
+                "batch_stats", "nu", jnp.zeros, feature_shape, jnp.float32
+            )
+            variables["steps"] = self.variable(
+                "batch_stats", "steps", jnp.zeros, (), jnp.int32
+            )
+        state = {key: v.value for key, v in variables.items()}
+        if "nu" in state:
+            # Perturbed in eval too, so that init always creates the variable.
+            state["nu"] = self.perturb("nu", state["nu"])
+        train, update = self._train_and_update(use_running_average)
+        batch_source = _SOURCE.get() == "batch"
+        y, new_state = power.power_norm(
+            x,
+            _affine_params(self, feature_shape),
+            state,
+            train=train,
+            axis=self.axis,
+            momentum=self.momentum,
+            epsilon=self.epsilon,
+            warmup_steps=0 if batch_source else self.warmup_steps,
+            variant="pn-v" if batch_source else self.variant,
+            warmup_gradient=self.warmup_gradient,
+            nu_momentum=self.nu_momentum,
+            mask=mask,
+            axis_name=self._axis_name(),
+            axis_index_groups=self.axis_index_groups,
+            causal=self.causal,
+            time_axis=self.time_axis,
+            dtype=self.dtype,
+        )
+        if update:
+            for key in ("psi2", "steps"):
+                if key in variables:
+                    variables[key].value = new_state[key]
+        return y

@@ -54,6 +54,12 @@ _REGISTRY: dict[str, Entry] = {
         "batch",
         "(1/B) layer-normalized + (1 - 1/B) batch-normalized (Ziaee & Cano 2022)",
     ),
+    "power": Entry(
+        norms.PowerNorm,
+        {},
+        "running",
+        "quadratic mean, no centring, approximate backward (Shen et al. 2020)",
+    ),
     "prior": Entry(
         norms.PriorNorm,
         {"num_groups": 8},

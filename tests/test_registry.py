@@ -10,7 +10,7 @@ from normjax import nn
 
 
 def test_names():
-    required = {"batch", "batch_renorm", "ghost_batch", "frozen_batch", "bln"}
+    required = {"batch", "batch_renorm", "ghost_batch", "frozen_batch", "bln", "power"}
     required |= {"prior", "layer", "rms", "group", "instance", "evonorm_s0", "none"}
     assert required <= set(normjax.names())
     assert len(set(normjax.names())) == len(normjax.names())
