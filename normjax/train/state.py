@@ -1,0 +1,161 @@
+"""Train state (params, batch_stats, other collections, optimizer) and optax setup."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+Array = jax.Array
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a training step reads and writes, as in Flax's ImageNet example.
+
+    ``batch_stats`` holds running statistics; ``constants`` every other
+    non-trainable collection of the model (e.g. a frozen whitening stem);
+    ``perturbations`` the zero template of Flax's 'perturbations' collection,
+    through whose gradients PowerNorm returns its backward-pass state.
+    """
+
+    step: Array
+    params: Any
+    batch_stats: Any
+    constants: Any
+    perturbations: Any
+    opt_state: Any
+    tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+
+    def variables(self) -> dict[str, Any]:
+        """The model's variables for ``apply`` (without perturbations)."""
+        return {
+            "params": self.params,
+            "batch_stats": self.batch_stats,
+            **self.constants,
+        }
+
+    def checkpoint(self) -> dict[str, Any]:
+        """The arrays a checkpoint holds."""
+        return {
+            "step": self.step,
+            "params": self.params,
+            "batch_stats": self.batch_stats,
+            "constants": self.constants,
+            "opt_state": self.opt_state,
+        }
+
+    def restore(self, saved: dict[str, Any]) -> TrainState:
+        """This state with the arrays of a checkpoint."""
+        return self.replace(**saved)
+
+
+def make_schedule(
+    config: ml_collections.ConfigDict, total_steps: int
+) -> optax.Schedule:
+    """Learning-rate schedule from ``config.schedule``:
+
+    'constant'; 'linear' (warm-up then linear decay to 0 at ``total_steps``);
+    'cosine' (warm-up then cosine to 0); 'piecewise' (``config.boundaries`` steps,
+    each multiplying by ``config.decay_factor``, e.g. He et al.'s /10 at 32k, 48k).
+    """
+    lr = config.learning_rate
+    warmup = config.get("warmup_steps", 0)
+    name = config.get("schedule", "constant")
+    if name == "constant":
+        main = optax.constant_schedule(lr)
+    elif name == "linear":
+        main = optax.linear_schedule(lr, 0.0, max(total_steps - warmup, 1))
+    elif name == "cosine":
+        main = optax.cosine_decay_schedule(lr, max(total_steps - warmup, 1))
+    elif name == "piecewise":
+        factor = config.get("decay_factor", 0.1)
+        main = optax.piecewise_constant_schedule(
+            lr, {int(b) - warmup: factor for b in config.boundaries}
+        )
+    else:
+        raise ValueError(
+            f"unknown schedule {name!r}; use constant, linear, cosine or piecewise."
+        )
+    if not warmup:
+        return main
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, lr, warmup), main], boundaries=[warmup]
+    )
+
+
+def _decay_mask(params: Any) -> Any:
+    """Weight decay on kernels (ndim > 1) only: not on biases, norm scales, priors."""
+    return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+def make_optimizer(
+    config: ml_collections.ConfigDict, total_steps: int
+) -> optax.GradientTransformation:
+    """``config.optimizer`` 'sgd' (``momentum``, ``nesterov``) or 'adamw' (``b1``,
+    ``b2``), with ``weight_decay`` on kernels and optional ``grad_clip``."""
+    schedule = make_schedule(config, total_steps)
+    parts = []
+    if config.get("grad_clip"):
+        parts.append(optax.clip_by_global_norm(config.grad_clip))
+    name = config.get("optimizer", "sgd")
+    decay = config.get("weight_decay", 0.0)
+    if name == "sgd":
+        if decay:
+            parts.append(optax.add_decayed_weights(decay, mask=_decay_mask))
+        parts.append(
+            optax.sgd(
+                schedule,
+                momentum=config.get("momentum", 0.9) or None,
+                nesterov=config.get("nesterov", False),
+            )
+        )
+    elif name == "adamw":
+        parts.append(
+            optax.adamw(
+                schedule,
+                b1=config.get("b1", 0.9),
+                b2=config.get("b2", 0.999),
+                weight_decay=decay,
+                mask=_decay_mask,
+            )
+        )
+    else:
+        raise ValueError(f"unknown optimizer {name!r}; use sgd or adamw.")
+    return optax.chain(*parts)
+
+
+def create_train_state(
+    model: nn.Module,
+    rng: Array,
+    init_args: tuple[Any, ...],
+    tx: optax.GradientTransformation,
+    *,
+    prepare_variables: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    **init_kwargs: Any,
+) -> TrainState:
+    """Initializes the model (``model.init(rng, *init_args, **init_kwargs)``) and
+    the optimizer. ``prepare_variables`` may fill non-trainable collections
+    (e.g. whitening filters computed from data) before training starts."""
+    variables = dict(model.init(rng, *init_args, **init_kwargs))
+    if prepare_variables is not None:
+        variables = dict(prepare_variables(variables))
+    params = variables.pop("params")
+    batch_stats = variables.pop("batch_stats", {})
+    perturbations = variables.pop("perturbations", {})
+    variables.pop("moments", None)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=batch_stats,
+        constants=variables,
+        perturbations=jax.tree.map(jnp.zeros_like, perturbations),
+        opt_state=tx.init(params),
+        tx=tx,
+    )
