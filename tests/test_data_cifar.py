@@ -1,8 +1,8 @@
 """normjax.data.cifar: loading real CIFAR-10 files, PNG decoding, augmentation,
 samplers.
 
-Tests that read the data look for it in ../shared/tfds (beside the repository),
-then in $TFDS_DATA_DIR, and skip with the reason otherwise.
+Tests that read the data find it through ``tfds_data.find`` (../shared/tfds,
+$TFDS_DATA_DIR, a TFDS download) and skip with the reason otherwise.
 """
 
 import hashlib
@@ -16,27 +16,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tfds_data
 
 from normjax.data import cifar
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
-
-
-def _find_data_dir() -> str | None:
-    candidates = [REPO.parent / "shared" / "tfds", os.environ.get("TFDS_DATA_DIR")]
-    for candidate in candidates:
-        if candidate and (pathlib.Path(candidate) / "cifar10").is_dir():
-            return str(candidate)
-    return None
-
-
-DATA_DIR = _find_data_dir()
-needs_data = pytest.mark.skipif(
-    DATA_DIR is None,
-    reason="CIFAR-10 (TFDS array_record) is neither in ../shared/tfds nor in "
-    "$TFDS_DATA_DIR; get it with tfds.data_source('cifar10', data_dir=DIR, "
-    "download=True) on a machine with internet and set TFDS_DATA_DIR=DIR",
-)
+DATA_DIR, _WHY = tfds_data.find("cifar10")
+needs_data = pytest.mark.skipif(DATA_DIR is None, reason=_WHY)
 
 # sha256 of the first 100 train / test images as loaded, checked equal to Pillow's
 # decoding of all 60 000 images when this test was written.

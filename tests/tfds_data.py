@@ -1,0 +1,35 @@
+"""Where the tests find TFDS datasets: ../shared/tfds, then $TFDS_DATA_DIR, then
+TFDS's own download into its default directory. Only when all three fail do data
+tests skip, and the reason says why."""
+
+from __future__ import annotations
+
+import functools
+import os
+import pathlib
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+@functools.cache
+def find(name: str) -> tuple[str | None, str]:
+    """``(data_dir, reason)``: a directory holding dataset ``name`` (None for TFDS's
+    default directory after a successful download), or ``(None, why not)``."""
+    for candidate in (REPO.parent / "shared" / "tfds", os.environ.get("TFDS_DATA_DIR")):
+        if candidate and (pathlib.Path(candidate) / name).is_dir():
+            return str(candidate), ""
+    try:
+        import tensorflow_datasets as tfds
+
+        builder = tfds.builder(name)
+        builder.download_and_prepare(
+            file_format="array_record",
+            download_config=tfds.download.DownloadConfig(try_download_gcs=True),
+        )
+        return str(pathlib.Path(builder.data_dir).parents[1]), ""
+    except Exception as error:  # no internet, no dataset: the tests must say so.
+        return None, (
+            f"{name} is neither in ../shared/tfds nor in $TFDS_DATA_DIR, and TFDS "
+            f"could not download it ({type(error).__name__}: {error}); set "
+            "TFDS_DATA_DIR to a directory holding it in array_record format"
+        )
