@@ -68,7 +68,11 @@ class Task(Protocol):
 
 def make_mesh() -> jax.sharding.Mesh:
     """A 1-D ``data`` mesh over every device (all hosts)."""
-    return jax.make_mesh((jax.device_count(),), ("data",))
+    # Auto axes: XLA decides the layouts and inserts the collectives (GSPMD), so
+    # model code needs no sharding annotations.
+    return jax.make_mesh(
+        (jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,)
+    )
 
 
 def shard_batch(batch: Batch, mesh: jax.sharding.Mesh) -> Batch:

@@ -61,17 +61,21 @@ def make_schedule(
 ) -> optax.Schedule:
     """Learning-rate schedule from ``config.schedule``:
 
-    'constant'; 'linear' (warm-up then linear decay to 0 at ``total_steps``);
+    'constant'; 'linear' (warm-up from ``warmup_from`` x lr, then linear decay to
+    ``final_lr_fraction`` x lr at ``total_steps``; ``warmup_steps`` < 1 is a
+    fraction of the run);
     'cosine' (warm-up then cosine to 0); 'piecewise' (``config.boundaries`` steps,
     each multiplying by ``config.decay_factor``, e.g. He et al.'s /10 at 32k, 48k).
     """
     lr = config.learning_rate
     warmup = config.get("warmup_steps", 0)
+    warmup = int(warmup * total_steps) if 0 < warmup < 1 else int(warmup)
     name = config.get("schedule", "constant")
+    final = lr * config.get("final_lr_fraction", 0.0)
     if name == "constant":
         main = optax.constant_schedule(lr)
     elif name == "linear":
-        main = optax.linear_schedule(lr, 0.0, max(total_steps - warmup, 1))
+        main = optax.linear_schedule(lr, final, max(total_steps - warmup, 1))
     elif name == "cosine":
         main = optax.cosine_decay_schedule(lr, max(total_steps - warmup, 1))
     elif name == "piecewise":
@@ -85,8 +89,9 @@ def make_schedule(
         )
     if not warmup:
         return main
+    start = lr * config.get("warmup_from", 0.0)
     return optax.join_schedules(
-        [optax.linear_schedule(0.0, lr, warmup), main], boundaries=[warmup]
+        [optax.linear_schedule(start, lr, warmup), main], boundaries=[warmup]
     )
 
 
@@ -99,8 +104,29 @@ def make_optimizer(
     config: ml_collections.ConfigDict, total_steps: int
 ) -> optax.GradientTransformation:
     """``config.optimizer`` 'sgd' (``momentum``, ``nesterov``) or 'adamw' (``b1``,
-    ``b2``), with ``weight_decay`` on kernels and optional ``grad_clip``."""
-    schedule = make_schedule(config, total_steps)
+    ``b2``), with ``weight_decay`` on kernels and optional ``grad_clip``.
+
+    ``vector_lr_scale`` multiplies the learning rate of every 1-D parameter
+    (biases, norm scales and shifts) — airbench's large bias learning rate.
+    """
+    scale = config.get("vector_lr_scale", 1.0)
+    if scale != 1.0:
+        main = _make_optimizer(config, make_schedule(config, total_steps))
+        vectors = _make_optimizer(
+            config, lambda step: scale * make_schedule(config, total_steps)(step)
+        )
+        return optax.multi_transform(
+            {"kernel": main, "vector": vectors},
+            lambda params: jax.tree.map(
+                lambda p: "kernel" if p.ndim > 1 else "vector", params
+            ),
+        )
+    return _make_optimizer(config, make_schedule(config, total_steps))
+
+
+def _make_optimizer(
+    config: ml_collections.ConfigDict, schedule: optax.Schedule
+) -> optax.GradientTransformation:
     parts = []
     if config.get("grad_clip"):
         parts.append(optax.clip_by_global_norm(config.grad_clip))

@@ -1,0 +1,228 @@
+"""Train a CNN on CIFAR-10 with any registered norm.
+
+    python -m experiments.cifar --config=experiments/configs/cifar.py:quick \
+        --config.norm=layer --workdir=runs/cifar_ln
+
+Writes to the workdir: config.json, metrics.jsonl, checkpoints/, summary.json
+(final test accuracy with running statistics and with current-batch statistics,
+wall time, examples/s, parameter count) and curves.png.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import app, flags
+from ml_collections import config_flags
+
+from normjax import models
+from normjax.data import cifar
+from normjax.train import TrainState, train_and_evaluate
+from normjax.train.loop import Predictor
+from normjax.train.plots import plot_curves
+
+Array = jax.Array
+
+
+def _whiten(variables: dict[str, Any], images: Array) -> dict[str, Any]:
+    return models.init_whitening(variables, images)
+
+
+def _unchanged(variables: dict[str, Any], images: Array) -> dict[str, Any]:
+    return variables
+
+
+def build_model(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
+    """The model named by ``config.model`` (its norm by ``config.norm``) and the
+    function that prepares its non-trainable variables from training images."""
+    norm_kwargs = dict(config.norm_kwargs)
+    builders = {
+        "fast_cnn": lambda: (
+            models.FastCNN(
+                widths=tuple(config.widths),
+                num_classes=10,
+                norm=config.norm,
+                norm_kwargs=norm_kwargs,
+            ),
+            _whiten,
+        ),
+        "resnet": lambda: (
+            models.ResNet(
+                depth=config.depth,
+                width=config.width,
+                num_classes=10,
+                norm=config.norm,
+                norm_kwargs=norm_kwargs,
+                zero_init_residual=config.zero_init_residual,
+            ),
+            _unchanged,
+        ),
+    }
+    if config.model not in builders:
+        raise ValueError(
+            f"unknown model {config.model!r}; use one of {', '.join(builders)}."
+        )
+    return builders[config.model]()
+
+
+class CifarTask:
+    """CIFAR-10 classification for ``normjax.train.train_and_evaluate``."""
+
+    def __init__(
+        self, config: ml_collections.ConfigDict, prepare: Any = _unchanged
+    ) -> None:
+        self.config = config
+        self.prepare = prepare
+        self.data = cifar.load_cifar10(
+            config.data_dir,
+            train_subset=config.train_subset,
+            test_subset=config.test_subset,
+        )
+        n = len(self.data.train_labels)
+        if config.batch_size > n:
+            raise ValueError(
+                f"batch_size={config.batch_size} exceeds the {n} training images."
+            )
+        self.steps_per_epoch = n // config.batch_size
+        if config.num_steps is None:
+            config.num_steps = max(1, round(config.num_epochs * self.steps_per_epoch))
+        self.mean = jnp.asarray(self.data.mean)
+        self.std = jnp.asarray(self.data.std)
+
+    # ----------------------------------------------------------------- Task API
+
+    def _standardized(self, count: int) -> Array:
+        images = jnp.asarray(self.data.train_images[:count])
+        return cifar.standardize(images, self.mean, self.std)
+
+    def init_args(self) -> tuple[Any, ...]:
+        # Real images: a whitening stem computes its filters from them at init.
+        return (self._standardized(256),)
+
+    def prepare_variables(self, variables: dict[str, Any]) -> dict[str, Any]:
+        return self.prepare(variables, self._standardized(5000))
+
+    @functools.lru_cache(maxsize=2)  # noqa: B019 - one task per run
+    def _epoch_batches(self, epoch: int) -> np.ndarray:
+        return cifar.batch_indices(
+            self.config.seed,
+            epoch,
+            len(self.data.train_labels),
+            self.config.batch_size,
+        )
+
+    def train_batch(self, step: int) -> dict[str, np.ndarray]:
+        epoch, index = divmod(step, self.steps_per_epoch)
+        rows = self._epoch_batches(epoch)[index]
+        return {
+            "image": self.data.train_images[rows],
+            "label": self.data.train_labels[rows],
+        }
+
+    def model_inputs(
+        self, batch: dict[str, Array], rng: Array, train: bool
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        images = batch["image"]
+        if train and self.config.augment:
+            images = cifar.augment(rng, images)
+        return (cifar.standardize(images, self.mean, self.std),), {}
+
+    def loss(
+        self, logits: Array, batch: dict[str, Array]
+    ) -> tuple[Array, dict[str, Array]]:
+        labels = jax.nn.one_hot(batch["label"], logits.shape[-1])
+        if self.config.label_smoothing:
+            labels = optax.smooth_labels(labels, self.config.label_smoothing)
+        loss = optax.softmax_cross_entropy(logits.astype(jnp.float32), labels).mean()
+        accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
+        return loss, {"accuracy": accuracy}
+
+    def evaluate(self, predictor: Predictor, state: TrainState) -> dict[str, float]:
+        """Test accuracy and loss with each statistics source in
+        ``config.eval_sources`` ('running' is the model's own eval path), and with
+        horizontal-flip test-time augmentation for the first source."""
+        images, labels = self.data.test_images, self.data.test_labels
+        size = self.config.eval_batch_size
+        if len(labels) % size or size % jax.device_count():
+            raise ValueError(
+                f"eval_batch_size={size} must divide the {len(labels)} test images "
+                f"and be a multiple of the {jax.device_count()} devices."
+            )
+        out = {}
+        for i, source in enumerate(self.config.eval_sources):
+            logits = np.concatenate(
+                [
+                    np.asarray(
+                        predictor(
+                            state,
+                            {"image": images[s : s + size]},
+                            "default" if source == "running" else source,
+                        ),
+                        np.float32,
+                    )
+                    for s in range(0, len(labels), size)
+                ]
+            )
+            suffix = "" if i == 0 else f"_{source}"
+            out[f"test_accuracy{suffix}"] = float(np.mean(logits.argmax(-1) == labels))
+            log_probs = jax.nn.log_softmax(logits)
+            out[f"test_loss{suffix}"] = float(
+                -np.mean(np.take_along_axis(np.asarray(log_probs), labels[:, None], 1))
+            )
+            if i == 0 and self.config.flip_test:
+                flipped = np.concatenate(
+                    [
+                        np.asarray(
+                            predictor(
+                                state,
+                                {"image": images[s : s + size, :, ::-1]},
+                                "default" if source == "running" else source,
+                            ),
+                            np.float32,
+                        )
+                        for s in range(0, len(labels), size)
+                    ]
+                )
+                both = logits + flipped
+                out["test_accuracy_flip"] = float(np.mean(both.argmax(-1) == labels))
+        return out
+
+    def finalize(
+        self, predictor: Predictor, state: TrainState, workdir: pathlib.Path
+    ) -> dict[str, Any]:
+        plot_curves(workdir / "metrics.jsonl", workdir / "curves.png")
+        return {"norm": self.config.norm, "model": self.config.model}
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Builds the model and task and trains; returns the summary."""
+    model, prepare = build_model(config)
+    task = CifarTask(config, prepare)
+    return train_and_evaluate(config, workdir, model, task)
+
+
+def main() -> None:
+    """``python -m experiments.cifar --config=...:quick --workdir=...``."""
+    config = config_flags.DEFINE_config_file(
+        "config", "experiments/configs/cifar.py:quick", "Experiment configuration."
+    )
+    workdir = flags.DEFINE_string("workdir", None, "Output directory.", required=True)
+
+    def run_from_flags(argv: list[str]) -> None:
+        del argv
+        summary = run(config.value, workdir.value)
+        print(json.dumps(summary, indent=2))
+
+    app.run(run_from_flags)
+
+
+if __name__ == "__main__":
+    main()

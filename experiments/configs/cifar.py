@@ -1,0 +1,119 @@
+"""CIFAR-10 with any norm.
+
+  quick (this 2-core CPU, <= 10 minutes):
+    python -m experiments.cifar --config=experiments/configs/cifar.py:quick \
+        --config.norm=layer --workdir=runs/cifar_ln
+  full (ResNet-20 as in He et al. 2016, for a GPU):
+    python -m experiments.cifar --config=experiments/configs/cifar.py:full \
+        --config.norm=batch --workdir=runs/cifar_resnet20_bn
+"""
+
+import ml_collections
+
+
+def base() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    config.data_dir = ml_collections.FieldReference(None, field_type=str)
+    config.train_subset = ml_collections.FieldReference(None, field_type=int)
+    config.test_subset = ml_collections.FieldReference(None, field_type=int)
+    config.norm = "batch"
+    config.norm_kwargs = ml_collections.ConfigDict()
+    config.model = "fast_cnn"
+    config.widths = (32, 64, 128)
+    config.depth = 20
+    config.width = 16
+    config.zero_init_residual = False
+    config.augment = True
+    config.label_smoothing = 0.0
+    config.batch_size = 128
+    config.eval_batch_size = 1000
+    config.num_epochs = 1.0
+    config.num_steps = ml_collections.FieldReference(None, field_type=int)
+    config.optimizer = "sgd"
+    config.learning_rate = 0.1
+    config.momentum = 0.9
+    config.nesterov = False
+    config.weight_decay = 0.0
+    config.schedule = "constant"
+    config.warmup_steps = 0.0
+    config.warmup_from = 0.0
+    config.final_lr_fraction = 0.0
+    config.vector_lr_scale = 1.0
+    config.boundaries = ()
+    config.decay_factor = 0.1
+    config.log_every = 50
+    config.eval_every = 0
+    config.checkpoint_every = 500
+    config.keep_checkpoints = 2
+    config.eval_sources = ("running", "batch")
+    config.flip_test = True
+    config.progress = True
+    return config
+
+
+def quick() -> ml_collections.ConfigDict:
+    """FastCNN sized for 2 CPU cores: 6 epochs in under 10 minutes, with
+    airbench's recipe (Nesterov SGD, label smoothing 0.2, warm-up then linear
+    decay, a 16x learning rate on biases and norm parameters)."""
+    config = base()
+    config.model = "fast_cnn"
+    config.widths = (32, 64, 128)
+    config.batch_size = 256
+    config.num_epochs = 6.0
+    config.optimizer = "sgd"
+    config.learning_rate = 0.4
+    config.momentum = 0.85
+    config.nesterov = True
+    config.weight_decay = 2.5e-3
+    config.vector_lr_scale = 16.0
+    config.label_smoothing = 0.2
+    config.schedule = "linear"
+    config.warmup_steps = 0.23
+    config.warmup_from = 0.2
+    config.final_lr_fraction = 0.07
+    config.checkpoint_every = 200
+    return config
+
+
+def full() -> ml_collections.ConfigDict:
+    """ResNet-20 exactly as He et al. 2016 (64k steps of batch 128), for a GPU."""
+    config = base()
+    config.model = "resnet"
+    config.depth = 20
+    config.batch_size = 128
+    config.num_steps = 64_000
+    config.optimizer = "sgd"
+    config.learning_rate = 0.1
+    config.momentum = 0.9
+    config.weight_decay = 1e-4
+    config.schedule = "piecewise"
+    config.boundaries = (32_000, 48_000)
+    config.decay_factor = 0.1
+    config.eval_every = 2_000
+    config.checkpoint_every = 2_000
+    config.keep_checkpoints = 3
+    return config
+
+
+def tiny() -> ml_collections.ConfigDict:
+    """A few steps on a small subset: tests and smoke runs."""
+    config = base()
+    config.model = "fast_cnn"
+    config.widths = (8, 16, 16)
+    config.train_subset = 512
+    config.test_subset = 200
+    config.batch_size = 32
+    config.eval_batch_size = 200
+    config.num_steps = 6
+    config.log_every = 2
+    config.checkpoint_every = 2
+    config.progress = False
+    return config
+
+
+def get_config(preset: str = "quick") -> ml_collections.ConfigDict:
+    presets = {"quick": quick, "full": full, "tiny": tiny}
+    if preset not in presets:
+        raise ValueError(f"unknown preset {preset!r}; use one of {', '.join(presets)}.")
+    return presets[preset]()

@@ -1,0 +1,272 @@
+"""CIFAR-10 convnets that take their norm by registry name.
+
+``ResNet``: the CIFAR ResNets of He et al. 2016 (sec. 4.2). ``FastCNN``: a small
+residual-free net after airbench (Jordan 2024, github.com/KellerJordan/
+cifar10-airbench) for CPU-sized runs. Both build every norm as
+``normjax.make_norm(norm, **norm_kwargs)`` and call it as
+``norm(x, use_running_average=not train)``; nothing else in them knows which norm
+it is. Apply as ``model.apply(variables, images_NxHxWxC, train=True,
+mutable=['batch_stats'])`` in training and ``train=False`` in evaluation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from normjax import registry
+from normjax.models.layers import Conv, max_pool_2x2
+
+Array = jax.Array
+ModuleDef = Callable[..., nn.Module]
+
+
+def _make_norm(
+    norm: str,
+    norm_kwargs: Mapping[str, Any] | None,
+    *,
+    name: str,
+    zero_scale: bool = False,
+) -> nn.Module:
+    """``make_norm(norm, **norm_kwargs)`` as a submodule called ``name``;
+    ``zero_scale`` starts its scale at 0 when the norm has one (when its
+    registered module declares ``scale_init``)."""
+    kwargs = dict(norm_kwargs or {})
+    fields = getattr(registry.entry(norm).module, "__dataclass_fields__", {})
+    if zero_scale and "scale_init" in fields:
+        kwargs["scale_init"] = nn.initializers.zeros
+    # Built unbound (make_norm's own first argument is ``name``), then named.
+    return registry.make_norm(norm, parent=None, **kwargs).copy(name=name)
+
+
+# ---------------------------------------------------------------------- ResNet
+
+
+def shortcut_option_a(x_NxHxWxC: Array, features: int, strides: int) -> Array:
+    """He et al.'s parameter-free shortcut ("option A"): subsample by the stride
+    and pad the new channels with zeros."""
+    x = x_NxHxWxC[:, ::strides, ::strides]
+    return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, features - x.shape[-1])))
+
+
+class BasicBlock(nn.Module):
+    """conv3x3 -> norm -> ReLU -> conv3x3 -> norm, plus the shortcut, -> ReLU."""
+
+    features: int
+    strides: int = 1
+    norm: str = "batch"
+    norm_kwargs: Mapping[str, Any] | None = None
+    zero_init_residual: bool = False
+    conv: ModuleDef = Conv
+
+    @nn.compact
+    def __call__(self, x_NxHxWxC: Array, train: bool) -> Array:
+        conv = _conv3x3(self.conv, self.features)
+        residual = conv(strides=self.strides, name="conv1")(x_NxHxWxC)
+        residual = _make_norm(self.norm, self.norm_kwargs, name="norm1")(
+            residual, use_running_average=not train
+        )
+        residual = conv(name="conv2")(nn.relu(residual))
+        residual = _make_norm(
+            self.norm,
+            self.norm_kwargs,
+            zero_scale=self.zero_init_residual,
+            name="norm2",
+        )(residual, use_running_average=not train)
+        shortcut = shortcut_option_a(x_NxHxWxC, self.features, self.strides)
+        return nn.relu(residual + shortcut)
+
+
+def _conv3x3(conv: ModuleDef, features: int) -> Callable[..., nn.Module]:
+    # Padding 1 on both sides (not 'SAME', which pads a stride-2 conv only after)
+    # centres stride-2 windows on the pixels option A's shortcut keeps.
+    def make(strides: int = 1, name: str | None = None) -> nn.Module:
+        return conv(
+            features,
+            (3, 3),
+            strides=strides,
+            padding=((1, 1), (1, 1)),
+            use_bias=False,
+            kernel_init=nn.initializers.he_normal(),
+            name=name,
+        )
+
+    return make
+
+
+class ResNet(nn.Module):
+    """CIFAR ResNet of He et al. 2016: depth 6n+2 (8, 20, 32, 56, 110).
+
+    A 3x3 conv, three stages of n basic blocks with 16, 32, 64 channels (times
+    ``width / 16``; stages 2 and 3 start with stride 2 and a zero-padded identity
+    shortcut), global average pooling and a dense layer. ResNet-20 has 0.27M
+    parameters. ``zero_init_residual`` starts each block's last norm scale at 0
+    (every block the identity at initialization) for norms that have a scale.
+
+    images_NxHxWxC -> logits_NxK.
+    """
+
+    depth: int = 20
+    num_classes: int = 10
+    width: int = 16
+    norm: str = "batch"
+    norm_kwargs: Mapping[str, Any] | None = None
+    zero_init_residual: bool = False
+    conv: ModuleDef = Conv
+
+    @nn.compact
+    def __call__(self, images_NxHxWxC: Array, train: bool) -> Array:
+        if (self.depth - 2) % 6 or self.depth < 8:
+            raise ValueError(f"depth must be 6n+2 with n >= 1, got {self.depth}.")
+        blocks_per_stage = (self.depth - 2) // 6
+        x = _conv3x3(self.conv, self.width)(name="stem_conv")(images_NxHxWxC)
+        x = _make_norm(self.norm, self.norm_kwargs, name="stem_norm")(
+            x, use_running_average=not train
+        )
+        x = nn.relu(x)
+        for stage in range(3):
+            for block in range(blocks_per_stage):
+                x = BasicBlock(
+                    self.width * 2**stage,
+                    strides=2 if stage > 0 and block == 0 else 1,
+                    norm=self.norm,
+                    norm_kwargs=self.norm_kwargs,
+                    zero_init_residual=self.zero_init_residual,
+                    conv=self.conv,
+                    name=f"stage{stage + 1}_block{block + 1}",
+                )(x, train)
+        x_NxC = x.mean(axis=(1, 2))
+        return nn.Dense(self.num_classes, name="head")(x_NxC)
+
+
+# ----------------------------------------------------------------- whitening
+
+
+def image_patches(images_NxHxWxC: Array, patch_size: int) -> Array:
+    """All patch_size x patch_size patches (stride 1, VALID), flattened in the
+    (row, column, channel) order of a conv kernel: patches_PxD, D = p*p*C."""
+    n, h, w, c = images_NxHxWxC.shape
+    p = patch_size
+    taps = [
+        images_NxHxWxC[:, i : i + h - p + 1, j : j + w - p + 1]
+        for i in range(p)
+        for j in range(p)
+    ]
+    return jnp.stack(taps, axis=3).reshape(-1, p * p * c)
+
+
+def whitening_kernel(
+    images_NxHxWxC: Array, patch_size: int = 2, eps: float = 5e-4
+) -> tuple[Array, Array]:
+    """Fixed conv filters that whiten the images' patches (airbench's stem).
+
+    Eigen-decompose the covariance of all patch_size x patch_size patches,
+    cov = V diag(lambda) V^T, and project a centred patch on each eigenvector
+    scaled by 1/sqrt(lambda + eps), both signs (so that a GELU after it loses
+    nothing): kernel (p, p, C, 2D), bias (2D,), D = p*p*C. The whitened patches
+    have covariance diag(lambda / (lambda + eps)) ~ identity; ``eps`` damps the
+    directions of least variance (airbench: 5e-4 on standardized images).
+    """
+    c = images_NxHxWxC.shape[-1]
+    patches_PxD = image_patches(images_NxHxWxC.astype(jnp.float32), patch_size)
+    mean_D = patches_PxD.mean(axis=0)
+    centred_PxD = patches_PxD - mean_D
+    cov_DxD = (
+        jnp.matmul(centred_PxD.T, centred_PxD, precision=lax.Precision.HIGHEST)
+        / patches_PxD.shape[0]
+    )
+    eigenvalues_D, eigenvectors_DxD = jnp.linalg.eigh(cov_DxD)
+    filters_DxD = eigenvectors_DxD / jnp.sqrt(jnp.maximum(eigenvalues_D, 0.0) + eps)
+    filters_DxD = filters_DxD[:, ::-1]  # largest variance first
+    filters = jnp.concatenate([filters_DxD, -filters_DxD], axis=1)
+    kernel = filters.reshape(patch_size, patch_size, c, -1)
+    return kernel, -mean_D @ filters
+
+
+class Whitening(nn.Module):
+    """A conv (VALID) with fixed filters in ``constants/{kernel,bias}``, computed
+    by ``whitening_kernel`` from the images the model is initialized with."""
+
+    patch_size: int = 2
+    eps: float = 5e-4
+
+    @nn.compact
+    def __call__(self, images_NxHxWxC: Array) -> Array:
+        initial = None
+        if not self.has_variable("constants", "kernel"):
+            initial = whitening_kernel(images_NxHxWxC, self.patch_size, self.eps)
+        kernel = self.variable("constants", "kernel", lambda: initial[0]).value
+        bias = self.variable("constants", "bias", lambda: initial[1]).value
+        y = lax.conv_general_dilated(
+            images_NxHxWxC,
+            kernel.astype(images_NxHxWxC.dtype),
+            (1, 1),
+            "VALID",
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )
+        return y + bias.astype(y.dtype)
+
+
+def init_whitening(
+    variables: Mapping[str, Any], images_NxHxWxC: Array, eps: float = 5e-4
+) -> dict[str, Any]:
+    """``variables`` with every ``Whitening`` layer's ``constants/.../{kernel,
+    bias}`` recomputed from ``images`` (airbench uses 5000 training images); the
+    patch size is the stored kernel's. Pass the model's ``whitening_eps`` if it
+    is not the default."""
+
+    def refit(tree: Mapping[str, Any]) -> dict[str, Any]:
+        if "kernel" in tree and "bias" in tree:
+            kernel, bias = whitening_kernel(
+                images_NxHxWxC, tree["kernel"].shape[0], eps
+            )
+            return {**tree, "kernel": kernel, "bias": bias}
+        return {key: refit(value) for key, value in tree.items()}
+
+    return {**variables, "constants": refit(variables["constants"])}
+
+
+# ------------------------------------------------------------------- FastCNN
+
+
+class FastCNN(nn.Module):
+    """airbench-style CIFAR net for CPU-sized runs.
+
+    Stem: a fixed 2x2 patch-whitening conv (``constants``), VALID, then GELU.
+    Each stage: conv3x3 -> 2x2 max-pool -> norm -> GELU (pooling before the norm
+    as airbench does: the norm and GELU then touch a quarter of the pixels).
+    Head: global max over space, a dense layer without bias, logits times
+    ``logit_scale`` (airbench's 1/9). 32x32 inputs: 31 -> 15 -> 7 -> 3 pixels.
+
+    The whitening filters come from the images ``init`` is called with: pass real
+    training images (a batch of 256 is enough), or refit them on more with
+    ``init_whitening``. images_NxHxWxC -> logits_NxK.
+    """
+
+    widths: Sequence[int] = (32, 64, 128)
+    num_classes: int = 10
+    norm: str = "batch"
+    norm_kwargs: Mapping[str, Any] | None = None
+    logit_scale: float = 1 / 9
+    whitening_eps: float = 5e-4
+    conv: ModuleDef = Conv
+    pool: Callable[[Array], Array] = max_pool_2x2
+
+    @nn.compact
+    def __call__(self, images_NxHxWxC: Array, train: bool) -> Array:
+        x = nn.gelu(Whitening(eps=self.whitening_eps, name="whiten")(images_NxHxWxC))
+        for stage, features in enumerate(self.widths, start=1):
+            x = self.conv(features, (3, 3), use_bias=False, name=f"conv{stage}")(x)
+            x = self.pool(x)
+            x = _make_norm(self.norm, self.norm_kwargs, name=f"norm{stage}")(
+                x, use_running_average=not train
+            )
+            x = nn.gelu(x)
+        x_NxC = x.max(axis=(1, 2))
+        logits_NxK = nn.Dense(self.num_classes, use_bias=False, name="head")(x_NxC)
+        return logits_NxK * self.logit_scale
