@@ -10,6 +10,7 @@ wall time, examples/s, parameter count) and curves.png.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import pathlib
@@ -23,6 +24,7 @@ import optax
 from absl import app, flags
 from ml_collections import config_flags
 
+import normjax
 from normjax import models
 from normjax.data import cifar
 from normjax.train import TrainState, train_and_evaluate
@@ -40,10 +42,18 @@ def _unchanged(variables: dict[str, Any], images: Array) -> dict[str, Any]:
     return variables
 
 
+def _fields(norm: str) -> set[str]:
+    """The constructor fields of the norm's module."""
+    module = normjax.registry.entry(norm).module
+    return {f.name for f in dataclasses.fields(module)}
+
+
 def build_model(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
     """The model named by ``config.model`` (its norm by ``config.norm``) and the
     function that prepares its non-trainable variables from training images."""
     norm_kwargs = dict(config.norm_kwargs)
+    if config.norm_momentum is not None and "momentum" in _fields(config.norm):
+        norm_kwargs.setdefault("momentum", config.norm_momentum)
     builders = {
         "fast_cnn": lambda: (
             models.FastCNN(
@@ -85,6 +95,7 @@ class CifarTask:
             config.data_dir,
             train_subset=config.train_subset,
             test_subset=config.test_subset,
+            download=config.download,
         )
         n = len(self.data.train_labels)
         if config.batch_size > n:

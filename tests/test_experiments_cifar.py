@@ -73,7 +73,7 @@ def test_unknown_norm_is_a_clear_error(tmp_path):
 
 def test_missing_dataset_is_a_clear_error(tmp_path):
     config = tiny()
-    config.data_dir = str(tmp_path / "empty")
+    config.data_dir, config.download = str(tmp_path / "empty"), False
     with pytest.raises(DataNotFoundError, match="TFDS_DATA_DIR"):
         experiment.run(config, str(tmp_path / "run"))
 

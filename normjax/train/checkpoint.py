@@ -25,7 +25,9 @@ class Checkpointer:
         self.every = every
         self.manager = ocp.CheckpointManager(
             self.directory,
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=keep, create=True, cleanup_tmp_directories=True
+            ),
         )
 
     def latest_step(self) -> int | None:
