@@ -54,6 +54,17 @@ def build_model(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
     norm_kwargs = dict(config.norm_kwargs)
     if config.norm_momentum is not None and "momentum" in _fields(config.norm):
         norm_kwargs.setdefault("momentum", config.norm_momentum)
+    ghost = config.ghost_batch_size
+    if config.per_device_batch_stats:  # each device's shard is one ghost batch
+        ghost = config.batch_size // jax.device_count()
+    if ghost is not None:
+        if "ghost_batch_size" not in _fields(config.norm):
+            raise ValueError(
+                f"norm {config.norm!r} has no per-device or ghost batch statistics; "
+                "use a batch norm ('batch') or unset ghost_batch_size and "
+                "per_device_batch_stats."
+            )
+        norm_kwargs.setdefault("ghost_batch_size", ghost)
     builders = {
         "fast_cnn": lambda: (
             models.FastCNN(

@@ -822,6 +822,10 @@ def batch_layer_norm(
     batch slot (shape (B, 1)), which ties inference to the training batch size and
     slot order; here they are population scalars. Its variance is unbiased, NaN at
     B = 1; here it is the biased one, finite at B = 1 (where y = x_F).
+
+    Precise statistics (``normjax.calibrate``) recompute the batch pair; the
+    feature pair, an average of per-sample statistics rather than moments of one
+    population, keeps its running value.
     """
     name = "batch_layer_norm"
     feature_axes, feature_shape, broadcast = _feature_layout(x, axis, name)

@@ -111,3 +111,17 @@ def test_eight_simulated_devices_match_one_device(tmp_path):
     one = _losses(1, tmp_path / "one")
     eight = _losses(8, tmp_path / "eight")
     np.testing.assert_allclose(eight, one, rtol=1e-4, atol=1e-5)
+
+
+def test_ghost_and_per_device_statistics_reach_the_norm():
+    config = configs.get_config("tiny")
+    config.ghost_batch_size = 8
+    model, _ = experiment.build_model(config)
+    assert model.norm_kwargs["ghost_batch_size"] == 8
+    config = configs.get_config("tiny")
+    config.per_device_batch_stats = True
+    model, _ = experiment.build_model(config)
+    assert model.norm_kwargs["ghost_batch_size"] == config.batch_size  # 1 device
+    config.norm = "layer"
+    with pytest.raises(ValueError, match="no per-device or ghost batch statistics"):
+        experiment.build_model(config)

@@ -25,6 +25,10 @@ def base() -> ml_collections.ConfigDict:
     # Running-statistics momentum (Flax convention), for the norms that keep
     # running statistics; ignored by per-sample norms. None: the norm's default.
     config.norm_momentum = ml_collections.FieldReference(None, field_type=float)
+    # Batch statistics are those of the global batch (over every device) unless
+    # one of these asks for ghost batches of a given size, or per-device batches.
+    config.ghost_batch_size = ml_collections.FieldReference(None, field_type=int)
+    config.per_device_batch_stats = False
     config.model = "fast_cnn"
     config.widths = (32, 64, 128)
     config.depth = 20
