@@ -83,7 +83,9 @@ def _other_axes(ndim: int, axes: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(a for a in range(ndim) if a not in axes)
 
 
-def _broadcast_mask(mask: Array | None, x: Array) -> Array | None:
+def broadcast_mask(mask: Array | None, x: Array) -> Array | None:
+    """``mask`` as a boolean array of ``x``'s shape (None stays None); a clear
+    error when it does not broadcast."""
     if mask is None:
         return None
     mask = jnp.asarray(mask)
@@ -136,7 +138,7 @@ def _per_sample_norm(
     m = stats.moments(
         x,
         reduction_axes,
-        mask=_broadcast_mask(mask, x),
+        mask=broadcast_mask(mask, x),
         center=center,
         axis_name=axis_name,
         axis_index_groups=axis_index_groups,
@@ -308,7 +310,7 @@ def group_moments(
             "axis, the channels that are split into groups."
         )
     x_grouped = stats.split_groups(x, -1, group_size, name=f"{name} group_size")
-    mask = _broadcast_mask(mask, x)
+    mask = broadcast_mask(mask, x)
     if mask is not None:
         mask = mask.reshape(x_grouped.shape)
     m = stats.moments(
@@ -478,7 +480,7 @@ def batch_moments(
         time = stats.canonicalize_axes(x.ndim, time_axis, name="time_axis")[0]
         if time in feature_axes:
             raise ValueError(f"time_axis {time} is a feature axis.")
-    mask = _broadcast_mask(mask, x)
+    mask = broadcast_mask(mask, x)
 
     def restore(y: Array) -> Array:
         return y
@@ -847,7 +849,7 @@ def batch_layer_norm(
     sources = ("batch",) * 4 if train else tuple(inference)
     if mode == "running":
         sources = ("running",) * 4
-    mask = _broadcast_mask(mask, x)
+    mask = broadcast_mask(mask, x)
     feature_moments = stats.moments(
         x,
         stats.canonicalize_axes(
@@ -999,7 +1001,7 @@ def prior_norm(
     # Population statistics per group: the group's moments over everything else
     # (batch, space/time, the group's channels), pooled over devices.
     group_axis = x_grouped.ndim - 2
-    grouped_mask = _broadcast_mask(mask, x)
+    grouped_mask = broadcast_mask(mask, x)
     pooled = stats.moments(
         x_grouped,
         _other_axes(x_grouped.ndim, (group_axis,)),

@@ -85,7 +85,13 @@ import jax
 import jax.numpy as jnp
 
 from normjax import stats
-from normjax.functional import affine, causal_mode, standardize
+from normjax.functional import (
+    affine,
+    batch_moments,
+    broadcast_mask,
+    causal_mode,
+    standardize,
+)
 from normjax.stats import Axes, Moments
 
 Array = jax.Array
@@ -243,52 +249,6 @@ def _check_state(state: State, feature_shape: tuple[int, ...], variant: str) -> 
         )
 
 
-def _broadcast_mask(mask: Array | None, x: Array) -> Array | None:
-    if mask is None:
-        return None
-    mask = jnp.asarray(mask)
-    try:
-        return jnp.broadcast_to(mask.astype(bool), x.shape)
-    except ValueError:
-        raise ValueError(
-            f"power_norm: mask of shape {mask.shape} does not broadcast to the "
-            f"input's shape {x.shape}; give a boolean mask broadcastable to the input."
-        ) from None
-
-
-def _batch_moments(
-    x: Array,
-    reduction_axes: tuple[int, ...],
-    *,
-    mask: Array | None,
-    axis_name: Any,
-    axis_index_groups: Any,
-    mode: str | None,
-    time: int | None,
-) -> tuple[Moments, Moments]:
-    """Uncentred batch moments: (for the forward, pooled over the whole batch).
-
-    ``mode`` 'cumulative': slot t holds positions <= t; 'per_position': each
-    position across the batch; None: the whole batch in both.
-    """
-    kwargs = dict(
-        mask=mask,
-        center=False,
-        axis_name=axis_name,
-        axis_index_groups=axis_index_groups,
-    )
-    if mode == "cumulative":
-        m = stats.moments(x, reduction_axes, cumulative_axis=time, **kwargs)
-        n = x.shape[time]
-        # The last cumulative slot holds the moments of the whole batch.
-        return m, Moments(*(jax.lax.slice_in_dim(s, n - 1, n, axis=time) for s in m))
-    if mode == "per_position":
-        m = stats.moments(x, tuple(a for a in reduction_axes if a != time), **kwargs)
-        return m, stats.merge_over(m, time, keepdims=True)
-    m = stats.moments(x, reduction_axes, **kwargs)
-    return m, m
-
-
 def power_norm(
     x: Array,
     params: Params | None = None,
@@ -387,19 +347,21 @@ def power_norm(
         y = affine(standardize(x, running, epsilon), params, feature_axes, name=name)
         return y.astype(out_dtype), state
 
-    mask = _broadcast_mask(mask, x)
+    mask = broadcast_mask(mask, x)
     batch_forward = mode != "running" and (variant == "pn-v" or warmup_steps > 0)
-    batch, pooled = _batch_moments(
+    b = batch_moments(
         x,
-        reduction_axes,
+        feature_axes,
         mask=mask,
+        center=False,
         axis_name=axis_name,
         axis_index_groups=axis_index_groups,
-        mode=mode if batch_forward else None,
-        time=time,
+        causal=mode if batch_forward else None,
+        time_axis=time_axis,
     )
-    batch_psi2 = stats.variance(pooled).reshape(feature_shape)
-    valid = pooled.count.reshape(feature_shape) > 0
+    batch = b.moments
+    batch_psi2 = stats.variance(b.pooled)
+    valid = b.pooled.count > 0
 
     if variant == "pn-v":
         if not batch_forward:  # causal='running'
