@@ -603,9 +603,11 @@ def _running_moments(
     )
 
 
-def _feature_layout(
+def feature_layout(
     x: Array, axis: Axes, name: str
 ) -> tuple[tuple[int, ...], tuple[int, ...], list[int]]:
+    """(feature axes, feature shape, shape that broadcasts feature-shaped
+    statistics against ``x``) for the features on ``axis``."""
     feature_axes = stats.canonicalize_axes(x.ndim, axis, name=f"{name} axis")
     feature_shape = tuple(x.shape[a] for a in feature_axes)
     broadcast = [x.shape[a] if a in feature_axes else 1 for a in range(x.ndim)]
@@ -658,7 +660,7 @@ def batch_norm(
       is None (training without running statistics).
     """
     name = "batch_norm"
-    feature_axes, feature_shape, broadcast = _feature_layout(x, axis, name)
+    feature_axes, feature_shape, broadcast = feature_layout(x, axis, name)
     if batch_stats is not None:
         _check_batch_stats(
             batch_stats, {"mean": feature_shape, "var": feature_shape}, name=name
@@ -745,7 +747,7 @@ def batch_renorm(
     statistics are updated as in ``batch_norm``. r_max = 1, d_max = 0 is batch norm.
     """
     name = "batch_renorm"
-    feature_axes, feature_shape, broadcast = _feature_layout(x, axis, name)
+    feature_axes, feature_shape, broadcast = feature_layout(x, axis, name)
     if batch_stats is None:
         raise ValueError(f"{name}: batch_stats (running mean/var) is required.")
     _check_batch_stats(
@@ -830,7 +832,7 @@ def batch_layer_norm(
     population, keeps its running value.
     """
     name = "batch_layer_norm"
-    feature_axes, feature_shape, broadcast = _feature_layout(x, axis, name)
+    feature_axes, feature_shape, broadcast = feature_layout(x, axis, name)
     if batch_stats is None:
         raise ValueError(f"{name}: batch_stats (four running statistics) is required.")
     shapes = {

@@ -90,6 +90,7 @@ from normjax.functional import (
     batch_moments,
     broadcast_mask,
     causal_mode,
+    feature_layout,
     standardize,
 )
 from normjax.stats import Axes, Moments
@@ -309,15 +310,13 @@ def power_norm(
         epsilon=epsilon,
         warmup_steps=warmup_steps,
     )
-    feature_axes = stats.canonicalize_axes(x.ndim, axis, name=f"{name} axis")
+    feature_axes, feature_shape, broadcast = feature_layout(x, axis, name)
     reduction_axes = tuple(a for a in range(x.ndim) if a not in feature_axes)
     if not reduction_axes:
         raise ValueError(
             f"{name}: axis={axis!r} covers every axis of an input of shape "
             f"{x.shape}; nothing is left to reduce over."
         )
-    feature_shape = tuple(x.shape[a] for a in feature_axes)
-    broadcast = [x.shape[a] if a in feature_axes else 1 for a in range(x.ndim)]
     mode = causal_mode(causal)
     time = None
     if mode is not None:
@@ -338,12 +337,15 @@ def power_norm(
     stat_dtype = stats.stat_dtype(x.dtype)
     out_dtype = x.dtype if dtype is None else dtype
 
-    if not train:
+    running = None  # the running psi2 as uncentred moments
+    if state is not None:
         running = Moments(
             jnp.ones(broadcast, stat_dtype),
             jnp.zeros(broadcast, stat_dtype),
             state["psi2"].astype(stat_dtype).reshape(broadcast),
         )
+
+    if not train:
         y = affine(standardize(x, running, epsilon), params, feature_axes, name=name)
         return y.astype(out_dtype), state
 
@@ -365,11 +367,7 @@ def power_norm(
 
     if variant == "pn-v":
         if not batch_forward:  # causal='running'
-            batch = Moments(
-                jnp.ones(broadcast, stat_dtype),
-                jnp.zeros(broadcast, stat_dtype),
-                state["psi2"].astype(stat_dtype).reshape(broadcast),
-            )
+            batch = running
         y = affine(standardize(x, batch, epsilon), params, feature_axes, name=name)
         if state is None:
             return y.astype(out_dtype), None
