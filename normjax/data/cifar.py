@@ -40,6 +40,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from normjax.data.tfds_source import (
+    DataNotFoundError,
+    open_source,
+    resolve_data_dir,
+)
+
 __all__ = [
     "Batches",
     "Cifar10",
@@ -73,19 +79,6 @@ PathLike = str | os.PathLike[str]
 # Locating and loading
 
 
-class DataNotFoundError(FileNotFoundError):
-    """A dataset is not in the data directory (the message says where and how)."""
-
-
-def resolve_data_dir(data_dir: PathLike | None) -> str | None:
-    """The TFDS data directory: ``data_dir`` if given (from the config), else
-    ``$TFDS_DATA_DIR`` if set and non-empty, else None (TFDS's default,
-    ``~/tensorflow_datasets``). ``~`` is expanded."""
-    if data_dir is None or str(data_dir) == "":
-        data_dir = os.environ.get("TFDS_DATA_DIR") or None
-    return None if data_dir is None else os.path.expanduser(os.fspath(data_dir))
-
-
 @dataclasses.dataclass(frozen=True, eq=False)
 class Cifar10:
     """CIFAR-10 held in host memory.
@@ -117,67 +110,19 @@ class Cifar10:
         return len(self.class_names)
 
 
-def _missing_message(data_dir: str | None, looked_in: str, reason: str) -> str:
-    origin = (
-        "TFDS's default data directory (neither a data_dir nor $TFDS_DATA_DIR given)"
-        if data_dir is None
-        else f"data_dir={data_dir!r}"
-    )
-    hint = ""
-    if data_dir is not None and (
-        os.path.exists(os.path.join(data_dir, "dataset_info.json"))
-        or os.path.basename(os.path.normpath(data_dir)) == NAME
-    ):
-        hint = (
-            f"\nIt looks like {data_dir!r} is the dataset folder itself: pass the "
-            f"folder that contains {NAME}/ instead."
-        )
-    return (
-        f"CIFAR-10 ({reason}) in {looked_in}, from {origin}. The TFDS layout is "
-        f"<data_dir>/{NAME}/<version>/ with dataset_info.json and "
-        f"{NAME}-{{train,test}}.array_record-* files.{hint}\n"
-        "To get it: point to a directory holding it with --config.data_dir=DIR "
-        "or TFDS_DATA_DIR=DIR (on our machines: ../shared/tfds); or, on a "
-        "machine with internet, load with download=True, which runs "
-        f"tfds.data_source({NAME!r}, data_dir=DIR, download=True) to download and "
-        "prepare it in array_record format (TFDS's preparation may need extra "
-        "packages, e.g. tensorflow)."
-    )
-
-
 def _data_source(data_dir: str | None, split: str, *, download: bool) -> Any:
     """The TFDS random-access source of ``split``; images left PNG-encoded."""
     import tensorflow_datasets as tfds
 
-    builder = tfds.builder(NAME, data_dir=data_dir)
-    looked_in = os.fspath(builder.data_dir)
-    prepared = builder.is_prepared()
-    if not prepared and not download:
-        raise DataNotFoundError(_missing_message(data_dir, looked_in, "not found"))
-    if prepared:
-        file_format = getattr(builder.info.file_format, "value", None)
-        if file_format is not None and file_format != "array_record":
-            raise DataNotFoundError(
-                _missing_message(
-                    data_dir,
-                    looked_in,
-                    f"found as {file_format!r}, but random access needs "
-                    "array_record: prepare it with file_format='array_record'",
-                )
-            )
-    try:
-        return tfds.data_source(
-            NAME,
-            split=split,
-            data_dir=data_dir,
-            download=download,
-            decoders={"image": tfds.decode.SkipDecoding()},
-        )
-    except Exception as e:  # TFDS raises many kinds; say what we looked for
-        reason = "could not be downloaded" if not prepared else "could not be read"
-        raise DataNotFoundError(
-            _missing_message(data_dir, looked_in, f"{reason}: {e!r}")
-        ) from e
+    return open_source(
+        NAME,
+        split,
+        data_dir,
+        download=download,
+        title="CIFAR-10",
+        splits=("train", "test"),
+        decoders={"image": tfds.decode.SkipDecoding()},
+    )
 
 
 def _read_records_public(
