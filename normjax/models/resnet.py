@@ -19,29 +19,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from normjax import registry
+from normjax.models.common import norm_layer
 from normjax.models.layers import Conv, max_pool_2x2
 
 Array = jax.Array
 ModuleDef = Callable[..., nn.Module]
-
-
-def _make_norm(
-    norm: str,
-    norm_kwargs: Mapping[str, Any] | None,
-    *,
-    name: str,
-    zero_scale: bool = False,
-) -> nn.Module:
-    """``make_norm(norm, **norm_kwargs)`` as a submodule called ``name``;
-    ``zero_scale`` starts its scale at 0 when the norm has one (when its
-    registered module declares ``scale_init``)."""
-    kwargs = dict(norm_kwargs or {})
-    fields = getattr(registry.entry(norm).module, "__dataclass_fields__", {})
-    if zero_scale and "scale_init" in fields:
-        kwargs["scale_init"] = nn.initializers.zeros
-    # Built unbound (make_norm's own first argument is ``name``), then named.
-    return registry.make_norm(norm, parent=None, **kwargs).copy(name=name)
 
 
 # ---------------------------------------------------------------------- ResNet
@@ -68,11 +50,11 @@ class BasicBlock(nn.Module):
     def __call__(self, x_NxHxWxC: Array, train: bool) -> Array:
         conv = _conv3x3(self.conv, self.features)
         residual = conv(strides=self.strides, name="conv1")(x_NxHxWxC)
-        residual = _make_norm(self.norm, self.norm_kwargs, name="norm1")(
+        residual = norm_layer(self.norm, self.norm_kwargs, name="norm1")(
             residual, use_running_average=not train
         )
         residual = conv(name="conv2")(nn.relu(residual))
-        residual = _make_norm(
+        residual = norm_layer(
             self.norm,
             self.norm_kwargs,
             zero_scale=self.zero_init_residual,
@@ -125,7 +107,7 @@ class ResNet(nn.Module):
             raise ValueError(f"depth must be 6n+2 with n >= 1, got {self.depth}.")
         blocks_per_stage = (self.depth - 2) // 6
         x = _conv3x3(self.conv, self.width)(name="stem_conv")(images_NxHxWxC)
-        x = _make_norm(self.norm, self.norm_kwargs, name="stem_norm")(
+        x = norm_layer(self.norm, self.norm_kwargs, name="stem_norm")(
             x, use_running_average=not train
         )
         x = nn.relu(x)
@@ -263,7 +245,7 @@ class FastCNN(nn.Module):
         for stage, features in enumerate(self.widths, start=1):
             x = self.conv(features, (3, 3), use_bias=False, name=f"conv{stage}")(x)
             x = self.pool(x)
-            x = _make_norm(self.norm, self.norm_kwargs, name=f"norm{stage}")(
+            x = norm_layer(self.norm, self.norm_kwargs, name=f"norm{stage}")(
                 x, use_running_average=not train
             )
             x = nn.gelu(x)
