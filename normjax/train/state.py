@@ -64,8 +64,9 @@ def make_schedule(
     'constant'; 'linear' (warm-up from ``warmup_from`` x lr, then linear decay to
     ``final_lr_fraction`` x lr at ``total_steps``; ``warmup_steps`` < 1 is a
     fraction of the run);
-    'cosine' (warm-up then cosine to 0); 'piecewise' (``config.boundaries`` steps,
-    each multiplying by ``config.decay_factor``, e.g. He et al.'s /10 at 32k, 48k).
+    'cosine' (warm-up then cosine decay to ``final_lr_fraction`` x lr);
+    'piecewise' (``config.boundaries`` steps, each multiplying by
+    ``config.decay_factor``, e.g. He et al.'s /10 at 32k, 48k).
     """
     lr = config.learning_rate
     warmup = config.get("warmup_steps", 0)
@@ -77,7 +78,9 @@ def make_schedule(
     elif name == "linear":
         main = optax.linear_schedule(lr, final, max(total_steps - warmup, 1))
     elif name == "cosine":
-        main = optax.cosine_decay_schedule(lr, max(total_steps - warmup, 1))
+        main = optax.cosine_decay_schedule(
+            lr, max(total_steps - warmup, 1), alpha=config.get("final_lr_fraction", 0.0)
+        )
     elif name == "piecewise":
         factor = config.get("decay_factor", 0.1)
         main = optax.piecewise_constant_schedule(

@@ -1,0 +1,264 @@
+"""Train a GPT-style decoder on text with any norm and any tokenization.
+
+    python -m experiments.text --config=experiments/configs/text.py:quick \
+        --config.norm=batch --config.tokenizer=bpe --workdir=runs/text_bn_bpe
+
+Writes to the workdir: config.json, tokenizer.json (reused on resume),
+metrics.jsonl, checkpoints/, summary.json (``val_loss`` in nats per token and
+``val_bits_per_byte`` over the whole validation split, wall time, tokens/s,
+parameter count), curves.png and sample.txt (a generated sample, also printed).
+Bits per byte of the original UTF-8 text put every tokenization on one scale.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import app, flags
+from ml_collections import config_flags
+
+from normjax import models, registry
+from normjax.data import text
+from normjax.train import TrainState, train_and_evaluate
+from normjax.train.loop import Predictor
+from normjax.train.plots import plot_curves
+
+Array = jax.Array
+
+CAUSAL = {"cumulative": True, "per_position": "per_position", "running": "running"}
+
+
+def _causal(config: ml_collections.ConfigDict) -> bool | str:
+    if config.causal == "off":
+        return False
+    if config.causal not in CAUSAL:
+        raise ValueError(
+            f"unknown causal mode {config.causal!r}; use one of "
+            f"{', '.join([*CAUSAL, 'off'])}."
+        )
+    return CAUSAL[config.causal]
+
+
+def build_model(
+    config: ml_collections.ConfigDict, vocab_size: int
+) -> models.Transformer:
+    """The decoder of ``config`` with every norm named ``config.norm``."""
+    registry.entry(config.norm)  # an unknown name lists the valid ones
+    norm_kwargs = dict(config.norm_kwargs)
+    fields = getattr(registry.entry(config.norm).module, "__dataclass_fields__", {})
+    if config.norm_momentum is not None and "momentum" in fields:
+        norm_kwargs.setdefault("momentum", config.norm_momentum)
+    return models.Transformer(
+        vocab_size=vocab_size,
+        num_layers=config.num_layers,
+        num_heads=config.num_heads,
+        d_model=config.d_model,
+        max_len=config.max_len,
+        norm=config.norm,
+        norm_kwargs=norm_kwargs,
+        causal=_causal(config),
+        mlp_ratio=config.mlp_ratio,
+        dropout_rate=config.dropout_rate,
+        tie_embeddings=config.tie_embeddings,
+    )
+
+
+class TextTask:
+    """Next-token prediction for ``normjax.train.train_and_evaluate``."""
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str) -> None:
+        self.config = config
+        workdir_path = pathlib.Path(workdir)
+        workdir_path.mkdir(parents=True, exist_ok=True)
+        self.corpus = text.load_corpus(
+            config.data_dir,
+            text_file=config.text_file,
+            validation_fraction=config.validation_fraction,
+            download=config.download,
+        )
+        self.tokenizer = text.make_tokenizer(
+            config.tokenizer,
+            self.corpus,
+            vocab_size=config.vocab_size,
+            path=workdir_path / "tokenizer.json",
+        )
+        self.train_ids = self.tokenizer.encode(self.corpus.train)
+        self.val_ids = self.tokenizer.encode(self.corpus.validation)
+        if len(self.train_ids) < config.max_len + 1:
+            raise ValueError(
+                f"the training split has {len(self.train_ids)} tokens, fewer than "
+                f"max_len + 1 = {config.max_len + 1}; use a smaller max_len or a "
+                "longer text."
+            )
+        self.token_bytes = jnp.asarray(self.tokenizer.token_bytes, jnp.float32)
+        self.stride = config.eval_stride or max(1, config.max_len // 2)
+
+    # ----------------------------------------------------------------- Task API
+
+    def init_args(self) -> tuple[Any, ...]:
+        return (jnp.zeros((2, self.config.max_len), jnp.int32),)
+
+    def prepare_variables(self, variables: dict[str, Any]) -> dict[str, Any]:
+        return variables
+
+    def train_batch(self, step: int) -> dict[str, np.ndarray]:
+        windows = text.random_windows(
+            self.train_ids,
+            self.config.seed,
+            step,
+            self.config.batch_size,
+            self.config.max_len,
+        )
+        return {"inputs": windows[:, :-1], "targets": windows[:, 1:]}
+
+    def model_inputs(
+        self, batch: dict[str, Array], rng: Array, train: bool
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        return (batch["inputs"],), {"mask": batch.get("mask")}
+
+    def loss(
+        self, logits: Array, batch: dict[str, Array]
+    ) -> tuple[Array, dict[str, Array]]:
+        nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+        weights = batch.get("weights")
+        weights = jnp.ones_like(nll) if weights is None else weights.astype(nll.dtype)
+        total = jnp.sum(nll * weights)
+        loss = total / jnp.maximum(jnp.sum(weights), 1.0)
+        nbytes = jnp.sum(self.token_bytes[batch["targets"]] * weights)
+        return loss, {"bits_per_byte": total / math.log(2.0) / nbytes}
+
+    def evaluate(self, predictor: Predictor, state: TrainState) -> dict[str, float]:
+        """Loss per token and bits per byte over the whole validation split, for
+        each statistics source in ``config.eval_sources`` ('running': the
+        model's own evaluation path; suffixes name the others)."""
+        size = self.config.eval_batch_size
+        if size % jax.device_count():
+            raise ValueError(
+                f"eval_batch_size={size} must be a multiple of the "
+                f"{jax.device_count()} devices."
+            )
+        token_bytes = np.asarray(self.tokenizer.token_bytes)
+        out: dict[str, float] = {}
+        for i, source in enumerate(self.config.eval_sources):
+            nats, tokens, nbytes = 0.0, 0, 0
+            for batch in text.eval_windows(
+                self.val_ids, self.config.max_len, self.stride, size
+            ):
+                logits = np.asarray(
+                    predictor(
+                        state,
+                        {"inputs": batch["inputs"], "mask": batch["mask"]},
+                        "default" if source == "running" else source,
+                    ),
+                    np.float64,
+                )
+                weights = batch["weights"]
+                top = logits.max(-1, keepdims=True)
+                lse = np.log(np.exp(logits - top).sum(-1)) + top[..., 0]
+                picked = np.take_along_axis(logits, batch["targets"][..., None], -1)
+                nats += float(np.sum((lse - picked[..., 0])[weights]))
+                tokens += int(weights.sum())
+                nbytes += int(token_bytes[batch["targets"][weights]].sum())
+            suffix = "" if i == 0 else f"_{source}"
+            out[f"val_loss{suffix}"] = nats / tokens
+            out[f"val_bits_per_byte{suffix}"] = text.bits_per_byte(nats, nbytes)
+        out["val_tokens"] = tokens
+        out["val_bytes"] = nbytes
+        return out
+
+    def generate(
+        self,
+        model: models.Transformer,
+        state: TrainState,
+        prompt: str,
+        num_tokens: int,
+        temperature: float,
+        seed: int = 0,
+    ) -> str:
+        """Samples ``num_tokens`` tokens after ``prompt`` (evaluation mode: the
+        norms' running or per-sample statistics), with the last ``max_len``
+        tokens as context; returns prompt + continuation."""
+        length = self.config.max_len
+        forward = jax.jit(
+            lambda v, t, m: model.apply(v, t, train=False, mask=m),
+        )
+        variables = jax.device_get(state.variables())
+        ids = list(self.tokenizer.encode(prompt)) or [int(self.val_ids[0])]
+        rng = np.random.default_rng(seed)
+        for _ in range(num_tokens):
+            context = ids[-length:]
+            tokens = np.zeros((1, length), np.int32)
+            tokens[0, : len(context)] = context
+            mask = np.arange(length)[None] < len(context)
+            logits = np.asarray(forward(variables, tokens, mask), np.float64)
+            logits = logits[0, len(context) - 1] / max(temperature, 1e-6)
+            probs = np.exp(logits - logits.max())
+            ids.append(int(rng.choice(len(probs), p=probs / probs.sum())))
+        return self.tokenizer.decode(ids)
+
+    def finalize(
+        self, predictor: Predictor, state: TrainState, workdir: pathlib.Path
+    ) -> dict[str, Any]:
+        plot_curves(
+            workdir / "metrics.jsonl",
+            workdir / "curves.png",
+            panels=("loss", "bits_per_byte"),
+        )
+        sample = self.generate(
+            predictor.model,
+            state,
+            self.config.sample_prompt,
+            self.config.sample_tokens,
+            self.config.sample_temperature,
+            seed=self.config.seed,
+        )
+        (workdir / "sample.txt").write_text(sample)
+        print(f"--- sample ({self.config.sample_tokens} tokens) ---\n{sample}\n---")
+        return {
+            "norm": self.config.norm,
+            "tokenizer": self.config.tokenizer,
+            "vocab_size": self.tokenizer.vocab_size,
+            "causal": self.config.causal,
+            "corpus": self.corpus.source,
+            "tokens_per_second": None,
+        }
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Builds the tokenizer, model and task and trains; returns the summary."""
+    registry.entry(config.norm)
+    task = TextTask(config, workdir)
+    model = build_model(config, task.tokenizer.vocab_size)
+    summary = train_and_evaluate(config, workdir, model, task)
+    if summary.get("examples_per_second"):
+        summary["tokens_per_second"] = summary["examples_per_second"] * config.max_len
+        path = pathlib.Path(workdir) / "summary.json"
+        path.write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def main() -> None:
+    """``python -m experiments.text --config=...:quick --workdir=...``."""
+    config = config_flags.DEFINE_config_file(
+        "config", "experiments/configs/text.py:quick", "Experiment configuration."
+    )
+    workdir = flags.DEFINE_string("workdir", None, "Output directory.", required=True)
+
+    def run_from_flags(argv: list[str]) -> None:
+        del argv
+        summary = run(config.value, workdir.value)
+        print(json.dumps(summary, indent=2))
+
+    app.run(run_from_flags)
+
+
+if __name__ == "__main__":
+    main()
