@@ -812,8 +812,9 @@ def batch_layer_norm(
     x_B = (x - mu_B) / sqrt(var_B + eps): batch statistics per channel (``axis``)
     over every other axis, as batch norm; x_F = (x - mu_F) / sqrt(var_F + eps):
     per-sample statistics over ``feature_reduction_axes``, as layer norm. With B the
-    number of samples in the batch (across ``axis_name`` devices),
-    y = (1/B) x_F + (1 - 1/B) x_B, then the affine ``scale``/``bias`` per channel.
+    number of samples in the batch (across ``axis_name`` devices; with a ``mask``,
+    those with at least one valid element), y = (1/B) x_F + (1 - 1/B) x_B, then
+    the affine ``scale``/``bias`` per channel.
 
     Four running statistics: ``mean``/``var`` (C,) for the batch part and
     ``feature_mean``/``feature_var`` (scalars) for the feature part, the
@@ -881,9 +882,16 @@ def batch_layer_norm(
         pick(sources[2], feature_moments.mean, batch_stats["feature_mean"]),
         pick(sources[3], stats.variance(feature_moments), batch_stats["feature_var"]),
     )
-    samples = jnp.asarray(x.shape[0], jnp.float32)
+    # B counts the samples with at least one valid element: padding samples of a
+    # masked batch are not samples.
+    if mask is None:
+        samples = jnp.asarray(x.shape[0], jnp.float32)
+    else:
+        valid = jnp.broadcast_to(mask, x.shape).reshape(x.shape[0], -1)
+        samples = jnp.sum(jnp.any(valid, axis=1).astype(jnp.float32))
     if axis_name is not None:
         samples = jax.lax.psum(samples, axis_name, axis_index_groups=axis_index_groups)
+    samples = jnp.maximum(samples, 1.0)
     weight = 1.0 / samples
     y = weight * standardize(x, feature_part, epsilon) + (1 - weight) * standardize(
         x, batch_part, epsilon

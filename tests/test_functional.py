@@ -607,6 +607,22 @@ def test_bln_at_batch_size_one_is_finite_and_equals_feature_part():
     )
 
 
+def test_bln_counts_only_valid_samples_as_the_batch():
+    rng = np.random.default_rng(24)
+    x = jnp.asarray(rng.normal(0.5, 2.0, size=(6, 3, 8)), jnp.float32)
+    running = {
+        "mean": jnp.zeros(8),
+        "var": jnp.ones(8),
+        "feature_mean": jnp.zeros(()),
+        "feature_var": jnp.ones(()),
+    }
+    valid = np.array([True, False, True, True, False, True])
+    mask = jnp.asarray(valid)[:, None, None]
+    padded, _ = F.batch_layer_norm(x, None, running, train=True, mask=mask)
+    alone, _ = F.batch_layer_norm(x[valid], None, running, train=True)
+    np.testing.assert_allclose(padded[valid], alone, rtol=1e-5, atol=1e-5)
+
+
 def ref_prior(x, groups, coef_mean, coef_scale, pop_mean, pop_var, eps, params):
     n, c = x.shape[0], x.shape[-1]
     xg = x.reshape(n, -1, groups, c // groups)

@@ -339,3 +339,30 @@ def test_fastcnn_fast_layers_match_flax_layers():
         jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True
     ):
         np.testing.assert_allclose(got, want, atol=1e-5 * float(np.abs(want).max()))
+
+
+@pytest.mark.parametrize(
+    "model",
+    [ResNet(depth=8, width=8, norm="batch"), FastCNN(widths=(8, 16, 16), norm="bln")],
+    ids=["resnet8", "fast_cnn"],
+)
+def test_padding_images_get_no_weight_in_batch_statistics(model):
+    x = jax.random.normal(jax.random.key(3), (6, 32, 32, 3))
+    variables = model.init(KEY, x, train=False)
+    mask = jnp.array([True, True, False, True, False, True])
+    garbage = jnp.where(mask[:, None, None, None], x, 50.0)
+
+    def train_logits(images):
+        logits, _ = model.apply(
+            variables, images, train=True, mask=mask, mutable=["batch_stats"]
+        )
+        return np.asarray(logits)
+
+    np.testing.assert_allclose(
+        train_logits(x)[mask], train_logits(garbage)[mask], rtol=1e-5, atol=1e-5
+    )
+    # the valid images alone give the same logits
+    alone, _ = model.apply(variables, x[mask], train=True, mutable=["batch_stats"])
+    np.testing.assert_allclose(train_logits(x)[mask], alone, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="mask must have shape"):
+        model.apply(variables, x, train=False, mask=mask[:3])

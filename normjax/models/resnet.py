@@ -26,6 +26,18 @@ Array = jax.Array
 ModuleDef = Callable[..., nn.Module]
 
 
+def _image_mask(mask: Array | None, images_NxHxWxC: Array) -> Array | None:
+    """A per-image mask (N,) as (N, 1, 1, 1) for the norms; None stays None."""
+    if mask is None:
+        return None
+    if mask.shape != images_NxHxWxC.shape[:1]:
+        raise ValueError(
+            f"mask must have shape (batch,) = {images_NxHxWxC.shape[:1]}, got "
+            f"{mask.shape}."
+        )
+    return mask.astype(bool)[:, None, None, None]
+
+
 # ---------------------------------------------------------------------- ResNet
 
 
@@ -47,11 +59,13 @@ class BasicBlock(nn.Module):
     conv: ModuleDef = Conv
 
     @nn.compact
-    def __call__(self, x_NxHxWxC: Array, train: bool) -> Array:
+    def __call__(
+        self, x_NxHxWxC: Array, train: bool, mask_Nx1x1x1: Array | None = None
+    ) -> Array:
         conv = _conv3x3(self.conv, self.features)
         residual = conv(strides=self.strides, name="conv1")(x_NxHxWxC)
         residual = norm_layer(self.norm, self.norm_kwargs, name="norm1")(
-            residual, use_running_average=not train
+            residual, use_running_average=not train, mask=mask_Nx1x1x1
         )
         residual = conv(name="conv2")(nn.relu(residual))
         residual = norm_layer(
@@ -59,7 +73,7 @@ class BasicBlock(nn.Module):
             self.norm_kwargs,
             zero_scale=self.zero_init_residual,
             name="norm2",
-        )(residual, use_running_average=not train)
+        )(residual, use_running_average=not train, mask=mask_Nx1x1x1)
         shortcut = shortcut_option_a(x_NxHxWxC, self.features, self.strides)
         return nn.relu(residual + shortcut)
 
@@ -102,13 +116,18 @@ class ResNet(nn.Module):
     conv: ModuleDef = Conv
 
     @nn.compact
-    def __call__(self, images_NxHxWxC: Array, train: bool) -> Array:
+    def __call__(
+        self, images_NxHxWxC: Array, train: bool, mask: Array | None = None
+    ) -> Array:
+        """Logits (N, num_classes). ``mask`` (N,) bool marks the valid images of a
+        padded batch: padding gets no weight in any batch statistic."""
         if (self.depth - 2) % 6 or self.depth < 8:
             raise ValueError(f"depth must be 6n+2 with n >= 1, got {self.depth}.")
         blocks_per_stage = (self.depth - 2) // 6
         x = _conv3x3(self.conv, self.width)(name="stem_conv")(images_NxHxWxC)
+        mask_Nx1x1x1 = _image_mask(mask, images_NxHxWxC)
         x = norm_layer(self.norm, self.norm_kwargs, name="stem_norm")(
-            x, use_running_average=not train
+            x, use_running_average=not train, mask=mask_Nx1x1x1
         )
         x = nn.relu(x)
         for stage in range(3):
@@ -121,7 +140,7 @@ class ResNet(nn.Module):
                     zero_init_residual=self.zero_init_residual,
                     conv=self.conv,
                     name=f"stage{stage + 1}_block{block + 1}",
-                )(x, train)
+                )(x, train, mask_Nx1x1x1)
         x_NxC = x.mean(axis=(1, 2))
         return nn.Dense(self.num_classes, name="head")(x_NxC)
 
@@ -240,13 +259,18 @@ class FastCNN(nn.Module):
     pool: Callable[[Array], Array] = max_pool_2x2
 
     @nn.compact
-    def __call__(self, images_NxHxWxC: Array, train: bool) -> Array:
+    def __call__(
+        self, images_NxHxWxC: Array, train: bool, mask: Array | None = None
+    ) -> Array:
+        """Logits (N, num_classes). ``mask`` (N,) bool marks the valid images of a
+        padded batch: padding gets no weight in any batch statistic."""
+        mask_Nx1x1x1 = _image_mask(mask, images_NxHxWxC)
         x = nn.gelu(Whitening(eps=self.whitening_eps, name="whiten")(images_NxHxWxC))
         for stage, features in enumerate(self.widths, start=1):
             x = self.conv(features, (3, 3), use_bias=False, name=f"conv{stage}")(x)
             x = self.pool(x)
             x = norm_layer(self.norm, self.norm_kwargs, name=f"norm{stage}")(
-                x, use_running_average=not train
+                x, use_running_average=not train, mask=mask_Nx1x1x1
             )
             x = nn.gelu(x)
         x_NxC = x.max(axis=(1, 2))
