@@ -94,6 +94,23 @@ def build_model(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
     return builders[config.model]()
 
 
+@functools.lru_cache(maxsize=2)
+def load_data(
+    data_dir: str | None,
+    train_subset: int | None,
+    test_subset: int | None,
+    download: bool,
+) -> cifar.Cifar10:
+    """``cifar.load_cifar10``, cached: a study training many models in one process
+    reads the dataset once (the arrays are never written to)."""
+    return cifar.load_cifar10(
+        data_dir,
+        train_subset=train_subset,
+        test_subset=test_subset,
+        download=download,
+    )
+
+
 class CifarTask:
     """CIFAR-10 classification for ``normjax.train.train_and_evaluate``."""
 
@@ -102,11 +119,8 @@ class CifarTask:
     ) -> None:
         self.config = config
         self.prepare = prepare
-        self.data = cifar.load_cifar10(
-            config.data_dir,
-            train_subset=config.train_subset,
-            test_subset=config.test_subset,
-            download=config.download,
+        self.data = load_data(
+            config.data_dir, config.train_subset, config.test_subset, config.download
         )
         n = len(self.data.train_labels)
         if config.batch_size > n:
@@ -224,11 +238,20 @@ class CifarTask:
         return {"norm": self.config.norm, "model": self.config.model}
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Builds the model and task and trains; returns the summary."""
+def train(
+    config: ml_collections.ConfigDict, workdir: str
+) -> tuple[dict[str, Any], Any, CifarTask, TrainState]:
+    """Builds the model and task and trains (or resumes, or restores a finished
+    run); returns the summary, the model, the task and the final state."""
     model, prepare = build_model(config)
     task = CifarTask(config, prepare)
-    return train_and_evaluate(config, workdir, model, task)
+    summary, state = train_and_evaluate(config, workdir, model, task, return_state=True)
+    return summary, model, task, state
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Builds the model and task and trains; returns the summary."""
+    return train(config, workdir)[0]
 
 
 def main() -> None:

@@ -179,10 +179,14 @@ def train_and_evaluate(
     workdir: str | os.PathLike,
     model: nn.Module,
     task: Task,
-) -> dict[str, Any]:
+    *,
+    return_state: bool = False,
+) -> dict[str, Any] | tuple[dict[str, Any], TrainState]:
     """Trains ``model`` on ``task`` for ``config.num_steps``, resuming from the
     latest checkpoint in ``workdir``; writes ``config.json``, ``metrics.jsonl``,
-    ``checkpoints/`` and ``summary.json``. Returns the summary.
+    ``checkpoints/`` and ``summary.json``. Returns the summary, and the final
+    ``TrainState`` too if ``return_state`` (a finished run is restored from its
+    last checkpoint, evaluated again and returned without training).
 
     Config keys: ``seed``, ``batch_size``, ``num_steps``, optimizer keys (see
     ``make_optimizer``), ``log_every``, ``eval_every`` (0: only at the end),
@@ -280,4 +284,4 @@ def train_and_evaluate(
         "devices": mesh.devices.size,
     }
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    return (summary, state) if return_state else summary

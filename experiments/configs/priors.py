@@ -1,0 +1,151 @@
+"""The priors study: per-sample vs batch statistics, measured.
+
+  smoke (tests, seconds per run):
+    python -m experiments.priors --config=experiments/configs/priors.py:smoke \
+        --config.data_dir=../shared/tfds --workdir=runs/priors_smoke
+  quick (2-core CPU, each run 1-3 minutes; resumable, run it in parts):
+    python -m experiments.priors --config=experiments/configs/priors.py:quick \
+        --config.data_dir=../shared/tfds --workdir=runs/priors --config.parts=probe
+  full (GPU-sized models and schedules):
+    python -m experiments.priors --config=experiments/configs/priors.py:full \
+        --workdir=runs/priors_full
+"""
+
+import ml_collections
+
+from experiments.configs import cifar as cifar_configs
+from experiments.configs import text as text_configs
+
+PARTS = ("probe", "stats", "sweep", "text")
+
+
+def base() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.data_dir = ml_collections.FieldReference(None, field_type=str)
+    config.seeds = (0, 1, 2)
+    # Which parts to run now (the others are reported from what is on disk).
+    config.parts = ",".join(PARTS)
+
+    # 1. Statistics-source probe on CIFAR-10: one model per norm and seed.
+    config.probe_norms = (
+        "batch",
+        "batch_renorm",
+        "ghost_batch",
+        "bln",
+        "prior",
+        "layer",
+        "group",
+        "instance",
+        "rms",
+        "none",
+    )
+    config.probe_batch_sizes = (2, 8, 32, 256)
+    config.class_batch_size = 100  # class-homogeneous and class-skewed batches
+    config.skew_fraction = 0.75
+    config.precise_images = 10_000  # training images pooled into precise statistics
+    config.precise_batch_size = 256
+
+    # 2. Class information in each sample's per-channel input statistics.
+    config.stats_train_images = 10_000
+    config.stats_steps = 300  # full-batch Adam steps of the logistic regression
+    config.stats_l2 = 1e-4
+
+    # 3-4. Batch-size sweep, evaluated with running and precise statistics.
+    config.sweep_norms = ("batch", "batch_renorm", "bln", "prior", "layer", "group")
+    config.sweep_batch_sizes = (2, 4, 8, 16, 32, 128)
+    config.sweep_base_batch_size = 128  # learning rate scaled by B / this
+    config.sweep_epochs = 4.0
+    config.sweep_train_subset = ml_collections.FieldReference(10_000, field_type=int)
+
+    # 5. Text: norms x tokenizers, and a context-length sweep.
+    config.text_norms = (
+        "layer",
+        "rms",
+        "batch",
+        "batch:per_position",
+        "bln",
+        "power",
+        "prior",
+    )
+    config.text_tokenizers = ("byte", "bpe")
+    config.context_norms = ("layer", "batch", "bln")
+    config.context_lengths = (64, 128, 256)
+    config.text_small_batch_size = 4  # the headline's small-batch text runs
+    config.headline_small_batch = 8  # the headline's small-batch CIFAR column
+
+    config.cifar = cifar_configs.quick()
+    config.text = text_configs.quick()
+    return config
+
+
+def _study_cifar(cifar: ml_collections.ConfigDict) -> None:
+    """What every CIFAR run of the study shares: no test-time extras during
+    training (the study evaluates the trained models itself)."""
+    cifar.eval_sources = ("running",)
+    cifar.flip_test = False
+    cifar.progress = False
+
+
+def quick() -> ml_collections.ConfigDict:
+    """Every run 1-3 minutes on 2 CPU cores."""
+    config = base()
+    config.cifar = cifar_configs.quick()
+    config.cifar.num_epochs = 2.0
+    _study_cifar(config.cifar)
+    config.text = text_configs.quick()
+    config.text.num_steps = 800
+    config.text.progress = False
+    config.text.sample_tokens = 100
+    return config
+
+
+def full() -> ml_collections.ConfigDict:
+    """ResNet-20 and nanoGPT-sized text runs (for a GPU)."""
+    config = base()
+    config.cifar = cifar_configs.full()
+    _study_cifar(config.cifar)
+    config.sweep_train_subset = None
+    config.sweep_epochs = 30.0
+    config.precise_images = 50_000
+    config.stats_train_images = 50_000
+    config.text = text_configs.full()
+    config.context_lengths = (256, 1024, 4096)
+    return config
+
+
+def smoke() -> ml_collections.ConfigDict:
+    """Tiny models, a few steps, subsets: the whole study in about a minute."""
+    config = base()
+    config.seeds = (0,)
+    config.cifar = cifar_configs.tiny()
+    _study_cifar(config.cifar)
+    config.cifar.test_subset = 200
+    config.cifar.eval_batch_size = 200
+    config.probe_norms = ("batch", "layer")
+    config.probe_batch_sizes = (2, 8)
+    config.class_batch_size = 10
+    config.precise_images = 128
+    config.precise_batch_size = 32
+    config.stats_train_images = 256
+    config.stats_steps = 50
+    config.sweep_norms = ("batch", "layer")
+    config.sweep_batch_sizes = (4, 16)
+    config.sweep_base_batch_size = 16
+    config.sweep_epochs = 0.25
+    config.sweep_train_subset = 256
+    config.text = text_configs.tiny()
+    config.text.vocab_size = 260
+    config.text_norms = ("layer", "batch")
+    config.text_tokenizers = ("byte", "bpe")
+    config.context_norms = ("batch",)
+    config.context_lengths = (8, 16)  # 16: the tokenizer runs' own length
+    config.text_small_batch_size = 2
+    config.headline_small_batch = 4
+    return config
+
+
+def get_config(preset: str = "quick") -> ml_collections.ConfigDict:
+    presets = {"quick": quick, "full": full, "smoke": smoke}
+    if preset not in presets:
+        raise ValueError(f"unknown preset {preset!r}; use one of {', '.join(presets)}.")
+    return presets[preset]()

@@ -1,0 +1,139 @@
+"""experiments.priors: the smoke study end to end on real data, and its pieces."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+import tfds_data
+
+from experiments import priors
+from experiments.configs import priors as configs
+from normjax.models import FastCNN, max_pool_2x2
+
+CIFAR_DIR, _WHY_CIFAR = tfds_data.find("cifar10")
+TEXT_DIR, _WHY_TEXT = tfds_data.find("tiny_shakespeare")
+needs_data = pytest.mark.skipif(
+    CIFAR_DIR is None or TEXT_DIR != CIFAR_DIR,
+    reason=_WHY_CIFAR
+    or _WHY_TEXT
+    or "CIFAR-10 and tiny_shakespeare are in "
+    "different data directories; the study reads both from one data_dir.",
+)
+
+
+@needs_data
+def test_smoke_study_writes_every_table_and_plot_and_resumes(tmp_path, monkeypatch):
+    config = configs.get_config("smoke")
+    config.data_dir = CIFAR_DIR
+    results = priors.run_study(config, str(tmp_path))
+    for name in ("results.json", "results.md", *priors.PLOTS):
+        assert (tmp_path / name).stat().st_size > 0, name
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert set(saved) >= {"header", "probe", "stats", "sweep", "text"}
+    markdown = (tmp_path / "results.md").read_text()
+    for heading in ("## 1.", "## 2.", "## 3-4.", "## 5.", "## 6."):
+        assert heading in markdown
+
+    # 1. every source for every norm; per-sample rows invariant across sources
+    columns = priors._probe_columns(config)
+    for norm in config.probe_norms:
+        sources = results["probe"][norm][0]
+        assert list(sources) == columns
+        if priors._is_per_sample(norm):
+            assert all(r["max_logit_change"] < 1e-4 for r in sources.values())
+            assert len({r["accuracy"] for r in sources.values()}) == 1
+    # batch norm's predictions do move with the batch (the probe has teeth)
+    batch = results["probe"]["batch"][0]
+    assert max(r["max_logit_change"] for r in batch.values()) > 1e-3
+    # 2. a probe per norm layer and for all layers, accuracies in [0, 1]
+    stats = results["stats"]["layer"][0]
+    assert set(stats) == {"norm1", "norm2", "norm3", "all layers"}
+    assert all(0.0 <= v <= 1.0 for v in stats.values())
+    # 3-4. every (norm, batch size) with running and precise accuracy
+    for norm in config.sweep_norms:
+        for size in config.sweep_batch_sizes:
+            record = results["sweep"][norm][size][0]
+            assert 0.0 <= record["running"] <= 1.0
+            assert 0.0 <= record["precise"] <= 1.0
+    assert results["sweep"]["layer"][4][0]["running"] == pytest.approx(
+        results["sweep"]["layer"][4][0]["precise"]
+    )
+    # 5. tokenizers x norms, the context sweep (L=16 reuses the tokenizer run)
+    assert len(results["text"]) == 4 + 2 + 2
+    runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert "text_batch_byte_L16_s0" not in runs and "text_batch_byte_L8_s0" in runs
+
+    # Resumable: a second call trains nothing and gives the same results.
+    def no_training(*args, **kwargs):
+        raise AssertionError("finished runs must be skipped")
+
+    monkeypatch.setattr(priors.cifar_experiment, "train", no_training)
+    monkeypatch.setattr(priors.text_experiment, "run", no_training)
+    again = priors.run_study(config, str(tmp_path))
+    for part in ("probe", "stats", "sweep", "text"):
+        assert again[part] == results[part]
+    # ... also when reporting only, with no part to run
+    config.parts = ""
+    assert priors.run_study(config, str(tmp_path))["sweep"] == results["sweep"]
+
+
+def test_norm_input_statistics_are_each_norm_layers_input():
+    model = FastCNN(widths=(4, 8, 8), norm="layer")
+    x = jax.random.normal(jax.random.key(0), (3, 32, 32, 3))
+    variables = model.init(jax.random.key(1), x, train=False)
+    captured = priors.norm_input_statistics(model, variables, x)
+    assert set(captured) == {"norm1", "norm2", "norm3"}
+    _, state = model.apply(
+        variables, x, train=False, capture_intermediates=True, mutable=["intermediates"]
+    )
+    conv1 = state["intermediates"]["conv1"]["__call__"][0]
+    pooled = max_pool_2x2(conv1)
+    mean, std = captured["norm1"]
+    np.testing.assert_allclose(mean, pooled.mean((1, 2)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(std, pooled.std((1, 2)), rtol=1e-5, atol=1e-6)
+    assert mean.shape == (3, 4)
+
+
+def test_linear_probe_finds_class_information_and_not_noise():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 10, 600)
+    informative = rng.normal(size=(600, 20)) + 6 * np.eye(10, 20)[y]
+    acc = priors.fit_linear_probe(
+        informative[:400], y[:400], informative[400:], y[400:], steps=200, l2=1e-4
+    )
+    assert acc > 0.9
+    noise = rng.normal(size=(600, 20))
+    acc = priors.fit_linear_probe(
+        noise[:400], y[:400], noise[400:], y[400:], steps=200, l2=1e-4
+    )
+    assert acc < 0.25
+
+
+def test_mean_std():
+    assert priors.mean_std([1.0, 3.0]) == (2.0, pytest.approx(np.sqrt(2.0)), 2)
+    assert priors.mean_std([5.0]) == (5.0, 0.0, 1)
+    mean, _, n = priors.mean_std([])
+    assert np.isnan(mean) and n == 0
+
+
+def test_bad_config_is_a_clear_error(tmp_path):
+    config = configs.get_config("smoke")
+    config.parts = "probe,tokens"
+    with pytest.raises(ValueError, match="unknown parts .'tokens'."):
+        priors.run_study(config, str(tmp_path))
+    config = configs.get_config("smoke")
+    config.probe_norms = ("btach",)
+    with pytest.raises(ValueError, match="unknown norm 'btach'"):
+        priors.run_study(config, str(tmp_path))
+    config = configs.get_config("smoke")
+    config.seeds = ()
+    with pytest.raises(ValueError, match="seeds is empty"):
+        priors.run_study(config, str(tmp_path))
+
+
+def test_presets_give_three_seeds_outside_smoke():
+    for preset in ("quick", "full"):
+        assert len(configs.get_config(preset).seeds) >= 3
+    with pytest.raises(ValueError, match="unknown preset"):
+        configs.get_config("medium")
