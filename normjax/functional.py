@@ -19,6 +19,7 @@ parameters are float32).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -46,6 +47,103 @@ def standardize(x: Array, m: Moments, epsilon: float) -> Array:
         raise ValueError(f"epsilon must be >= 0, got {epsilon}.")
     x = x.astype(m.mean.dtype)
     return (x - m.mean) * jax.lax.rsqrt(stats.variance(m) + epsilon)
+
+
+def normalize(
+    x: Array,
+    axes: Axes,
+    *,
+    epsilon: float,
+    mask: Array | None = None,
+    center: bool = True,
+    axis_name: Any = None,
+    axis_index_groups: Any = None,
+) -> tuple[Array, Moments]:
+    """``standardize(x, m, epsilon)`` with ``m = stats.moments(x, axes, ...)``, and
+    ``m`` (keepdims): the core of batch, layer, RMS and instance norm.
+
+    Without ``axis_name`` it has a hand-derived backward pass (``jax.custom_vjp``)
+    that saves only ``x`` (in its own dtype) and the per-slot mean, count and
+    reciprocal standard deviation, and computes, with x^ = (x - mean) r, w the
+    mask and n the count of each slot,
+
+        dx = r dy - (w r / n) (sum dy + x^ sum(dy x^))      (sums over ``axes``)
+
+    (no ``sum dy`` term when ``center`` is False) plus the terms of any cotangent
+    of the returned moments — one pass of reductions instead of autodiff through
+    the two-pass statistics. With ``axis_name`` it is plain autodiff of the same
+    forward (the collectives' transposes are left to JAX).
+    """
+    if epsilon < 0:
+        raise ValueError(f"epsilon must be >= 0, got {epsilon}.")
+    axes = stats.canonicalize_axes(x.ndim, axes)
+    if mask is not None:
+        mask = jnp.broadcast_to(jnp.asarray(mask, bool), x.shape)
+    if axis_name is not None:
+        m = stats.moments(
+            x,
+            axes,
+            mask=mask,
+            center=center,
+            axis_name=axis_name,
+            axis_index_groups=axis_index_groups,
+        )
+        return standardize(x, m, epsilon), m
+    return _normalize(x, mask, axes, center, float(epsilon))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _normalize(
+    x: Array, mask: Array | None, axes: tuple[int, ...], center: bool, epsilon: float
+) -> tuple[Array, Moments]:
+    return _normalize_fwd(x, mask, axes, center, epsilon)[0]
+
+
+def _normalize_fwd(
+    x: Array, mask: Array | None, axes: tuple[int, ...], center: bool, epsilon: float
+) -> tuple[tuple[Array, Moments], tuple[Any, ...]]:
+    m = stats.moments(x, axes, mask=mask, center=center)
+    r = jax.lax.rsqrt(stats.variance(m) + epsilon)
+    y = (x.astype(m.mean.dtype) - m.mean) * r
+    return (y, m), (x, mask, m.count, m.mean, r)
+
+
+def _normalize_bwd(
+    axes: tuple[int, ...],
+    center: bool,
+    epsilon: float,
+    residuals: tuple[Any, ...],
+    cotangents: tuple[Array, Moments],
+) -> tuple[Array, None]:
+    # With c = x - mean, r the reciprocal std, w the mask and 1/n (0 for an empty
+    # slot), and sums over ``axes`` of every position (the outputs at masked
+    # positions depend on the statistics too):
+    #   dx = r dy + w (c A + B),  A = 2 dm2 - r^3/n sum(dy c),
+    #                             B = (dmean - r sum(dy)) / n   (centred only),
+    # where dmean, dm2 are the cotangents of the returned moments (d mean/dx = w/n,
+    # d m2/dx = 2 w c). One fused reduction pass over (x, dy), then one
+    # elementwise pass; the centring inside the sums keeps them exact when
+    # |mean| >> std.
+    x, mask, count, mean, r = residuals
+    dy, dm = cotangents
+    dtype = mean.dtype
+    dy = dy.astype(dtype)
+    centred = x.astype(dtype) - mean
+    inv_n = stats._safe_div(jnp.ones_like(count), count)
+    dm2 = dm.m2.astype(dtype)
+    a = 2.0 * dm2 - r * r * r * inv_n * jnp.sum(dy * centred, axes, keepdims=True)
+    if center:
+        b = inv_n * (dm.mean.astype(dtype) - r * jnp.sum(dy, axes, keepdims=True))
+        correction = centred * a + b
+    else:
+        correction = centred * a
+    if mask is not None:
+        correction = jnp.where(mask, correction, 0.0)
+    dx = r * dy + correction
+    return dx.astype(x.dtype), None
+
+
+_normalize.defvjp(_normalize_fwd, _normalize_bwd)
 
 
 def affine(
@@ -135,16 +233,29 @@ def _per_sample_norm(
     feature_axes = stats.canonicalize_axes(
         x.ndim, feature_axes, name=f"{name} feature_axes"
     )
-    m = stats.moments(
-        x,
-        reduction_axes,
-        mask=broadcast_mask(mask, x),
-        center=center,
-        axis_name=axis_name,
-        axis_index_groups=axis_index_groups,
-        cumulative_axis=_causal_axis(causal, time_axis),
-    )
-    y = affine(standardize(x, m, epsilon), params, feature_axes, name=name)
+    cumulative = _causal_axis(causal, time_axis)
+    if cumulative is not None and cumulative % x.ndim in reduction_axes:
+        m = stats.moments(
+            x,
+            reduction_axes,
+            mask=broadcast_mask(mask, x),
+            center=center,
+            axis_name=axis_name,
+            axis_index_groups=axis_index_groups,
+            cumulative_axis=cumulative,
+        )
+        y = standardize(x, m, epsilon)
+    else:  # the fused statistics + standardize with the hand-derived backward
+        y, _ = normalize(
+            x,
+            reduction_axes,
+            epsilon=epsilon,
+            mask=broadcast_mask(mask, x),
+            center=center,
+            axis_name=axis_name,
+            axis_index_groups=axis_index_groups,
+        )
+    y = affine(y, params, feature_axes, name=name)
     return _output(y, x, dtype)
 
 
@@ -443,12 +554,16 @@ class BatchMoments(NamedTuple):
       pooled: statistics of the whole batch, feature-shaped, for running averages
         (for ghost batches: the pooled mean and the pooled within-group m2).
       restore: maps an array shaped like ``x`` back to the input's shape.
+      normalized: with ``epsilon`` given and non-causal statistics, ``x``
+        standardized by ``moments`` (through :func:`normalize`'s fused backward);
+        else None.
     """
 
     x: Array
     moments: Moments
     pooled: Moments
     restore: Callable[[Array], Array]
+    normalized: Array | None = None
 
 
 def batch_moments(
@@ -463,6 +578,7 @@ def batch_moments(
     batch_axis: int = 0,
     causal: bool | str | None = None,
     time_axis: int = 1,
+    epsilon: float | None = None,
 ) -> BatchMoments:
     """Per-feature statistics over every axis but ``feature_axes``.
 
@@ -519,15 +635,27 @@ def batch_moments(
 
     if mode == "per_position":
         reduction_axes = tuple(a for a in reduction_axes if a != time)
-    m = stats.moments(
-        x,
-        reduction_axes,
-        mask=mask,
-        center=center,
-        axis_name=axis_name,
-        axis_index_groups=axis_index_groups,
-        cumulative_axis=time if mode == "cumulative" else None,
-    )
+    normalized = None
+    if epsilon is not None and mode is None:
+        normalized, m = normalize(
+            x,
+            reduction_axes,
+            epsilon=epsilon,
+            mask=mask,
+            center=center,
+            axis_name=axis_name,
+            axis_index_groups=axis_index_groups,
+        )
+    else:
+        m = stats.moments(
+            x,
+            reduction_axes,
+            mask=mask,
+            center=center,
+            axis_name=axis_name,
+            axis_index_groups=axis_index_groups,
+            cumulative_axis=time if mode == "cumulative" else None,
+        )
     pooled = m
     if mode == "cumulative":  # the last position has merged every position.
         pooled = Moments(*(jax.lax.slice_in_dim(s, -1, None, axis=time) for s in m))
@@ -538,7 +666,7 @@ def batch_moments(
         merged = stats.merge_over(pooled, group_axis)
         pooled = Moments(merged.count, merged.mean, jnp.sum(pooled.m2, group_axis))
     pooled = Moments(*(s.reshape(feature_shape) for s in pooled))
-    return BatchMoments(x, m, pooled, restore)
+    return BatchMoments(x, m, pooled, restore, normalized)
 
 
 def _check_batch_stats(
@@ -688,9 +816,13 @@ def batch_norm(
         batch_axis=batch_axis,
         causal="per_position" if mode == "running" else mode,
         time_axis=time_axis,
+        epsilon=epsilon,
     )
     if mode != "running":
-        y = b.restore(standardize(b.x, b.moments, epsilon))
+        normalized = b.normalized
+        if normalized is None:
+            normalized = standardize(b.x, b.moments, epsilon)
+        y = b.restore(normalized)
         y = _output(affine(y, params, feature_axes, name=name), x, dtype)
     new_stats = None
     if batch_stats is not None:
