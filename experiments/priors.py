@@ -491,9 +491,12 @@ def _seeds(config: ml_collections.ConfigDict) -> list[int]:
     return seeds
 
 
-def run_study(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def run_study(
+    config: ml_collections.ConfigDict, workdir: str, command: str | None = None
+) -> dict[str, Any]:
     """Runs the parts in ``config.parts`` (skipping finished runs), then rebuilds
-    ``results.json``, ``results.md`` and the plots from every run on disk."""
+    ``results.json``, ``results.md`` and the plots from every run on disk.
+    ``command`` is recorded at the top of the results (default: this call)."""
     for name in [*config.probe_norms, *config.sweep_norms]:
         registry.entry(name)
     for variant in [*config.text_norms, *config.context_norms]:
@@ -570,7 +573,7 @@ def run_study(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
                     "val_bits_per_byte_batch": summary.get("val_bits_per_byte_batch"),
                 }
     header = {
-        "command": " ".join(sys.argv) if sys.argv else "",
+        "command": command or f"experiments.priors.run_study(config, {workdir!r})",
         "date": datetime.datetime.now(datetime.timezone.utc).strftime(
             "%Y-%m-%d %H:%M UTC"
         ),
@@ -788,17 +791,22 @@ def write_markdown(
     path.write_text("\n".join(lines) + "\n")
 
 
+def _legend(ax: Any, **kwargs: Any) -> None:
+    """A legend when the axes have labelled artists (parts not run yet have none)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(**kwargs)
+
+
 def write_plots(
     results: dict[str, Any], config: ml_collections.ConfigDict, workdir: pathlib.Path
 ) -> None:
     """sweep.png (accuracy vs batch size), probe.png (accuracy by source),
     stats.png (statistics-probe accuracy by layer), text.png (bits per byte)."""
-    import matplotlib
+    # Figures without pyplot: no global backend switched, nothing left open.
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    fig = Figure(figsize=(11, 4))
+    axes = fig.subplots(1, 2, sharey=True)
     for ax, source in zip(axes, ("running", "precise"), strict=True):
         for norm in config.sweep_norms:
             by_size = {int(k): v for k, v in results["sweep"].get(norm, {}).items()}
@@ -819,13 +827,13 @@ def write_plots(
         ax.set_title(f"test accuracy, {source} statistics")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("accuracy (%)")
-    axes[1].legend(fontsize=8)
+    _legend(axes[1], fontsize=8)
     fig.tight_layout()
     fig.savefig(workdir / "sweep.png", dpi=100)
-    plt.close(fig)
 
     columns = _probe_columns(config)
-    fig, ax = plt.subplots(figsize=(11, 4))
+    fig = Figure(figsize=(11, 4))
+    ax = fig.subplots()
     norms = [n for n in config.probe_norms if n in results["probe"]]
     width = 0.8 / max(len(columns), 1)
     for j, column in enumerate(columns):
@@ -837,12 +845,12 @@ def write_plots(
     ax.set_xticks(np.arange(len(norms)) + 0.4 - width / 2, norms)
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("accuracy by statistics source")
-    ax.legend(fontsize=7, ncol=2)
+    _legend(ax, fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(workdir / "probe.png", dpi=100)
-    plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig = Figure(figsize=(8, 4))
+    ax = fig.subplots()
     for norm, per_seed in results["stats"].items():
         layers = sorted({layer for r in per_seed.values() for layer in r})
         layers = [layer for layer in layers if layer != "all layers"]
@@ -855,12 +863,12 @@ def write_plots(
     ax.axhline(10, color="gray", linestyle="--", label="chance")
     ax.set_ylabel("linear-probe accuracy (%)")
     ax.set_title("class information in per-sample input statistics")
-    ax.legend(fontsize=7)
+    _legend(ax, fontsize=7)
     fig.tight_layout()
     fig.savefig(workdir / "stats.png", dpi=100)
-    plt.close(fig)
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig = Figure(figsize=(11, 4))
+    axes = fig.subplots(1, 2)
     toks = list(config.text_tokenizers)
     variants = list(config.text_norms)
     width = 0.8 / max(len(toks), 1)
@@ -877,7 +885,7 @@ def write_plots(
         axes[0].bar(np.arange(len(variants)) + j * width, means, width, label=tok)
     axes[0].set_xticks(np.arange(len(variants)) + 0.4 - width / 2, variants, fontsize=7)
     axes[0].set_ylabel("validation bits per byte")
-    axes[0].legend()
+    _legend(axes[0])
     for variant in config.context_norms:
         lengths = list(config.context_lengths)
         means = [
@@ -895,10 +903,9 @@ def write_plots(
     axes[1].set_xscale("log", base=2)
     axes[1].set_xlabel("context length (bytes)")
     axes[1].set_title("context-length sweep")
-    axes[1].legend()
+    _legend(axes[1])
     fig.tight_layout()
     fig.savefig(workdir / "text.png", dpi=100)
-    plt.close(fig)
 
 
 def main() -> None:
@@ -910,7 +917,8 @@ def main() -> None:
 
     def run_from_flags(argv: list[str]) -> None:
         del argv
-        run_study(config.value, workdir.value)
+        command = "python -m experiments.priors " + " ".join(sys.argv[1:])
+        run_study(config.value, workdir.value, command=command)
         print((pathlib.Path(workdir.value) / "results.md").read_text())
 
     app.run(run_from_flags)

@@ -17,17 +17,16 @@ def plot_curves(
 ) -> None:
     """One panel per name in ``panels`` (default loss and accuracy), each with
     every train and test metric whose key contains that name, against step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # Figures without pyplot: no global backend switched, nothing left open.
+    from matplotlib.figure import Figure
 
     records = [
         json.loads(line)
         for line in pathlib.Path(metrics_path).read_text().splitlines()
         if line.strip()
     ]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
+    fig = Figure(figsize=(5 * len(panels), 4))
+    axes = fig.subplots(1, len(panels))
     axes = list(np.atleast_1d(axes))
     for split, style in (("train", "-"), ("test", "o-")):
         rows = [r for r in records if r["split"] == split]
@@ -44,4 +43,3 @@ def plot_curves(
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out_path, dpi=100)
-    plt.close(fig)

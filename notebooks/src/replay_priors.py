@@ -1,0 +1,120 @@
+# %% [md]
+# # Replay the priors study
+#
+# Load the `results.json` of `python -m experiments.priors`, redraw its tables and
+# plots, and evaluate one of its models under each statistics source through
+# `normjax.calibrate`.
+#
+# Set `RESULTS` to a study's `results.json` (the runs it came from sit beside it, in
+# `runs/`); left at `None`, the notebook runs a small part of the `smoke` study
+# (the statistics-source probe and the statistics classifier, two norms) first.
+
+# %%
+RESULTS = None  # e.g. "../results/priors_quick/results.json"
+
+# %%
+import json
+import os
+import pathlib
+import tempfile
+import warnings
+
+warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm, no widgets
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from IPython.display import Image, Markdown, display
+
+from experiments import cifar as cifar_experiment
+from experiments import priors
+from experiments.configs import priors as priors_configs
+from normjax import calibrate
+from normjax.data import cifar
+
+SHARED = pathlib.Path("../../shared/tfds")
+DATA_DIR = str(SHARED) if SHARED.exists() else os.environ.get("TFDS_DATA_DIR")
+
+if RESULTS is None:
+    workdir = pathlib.Path(tempfile.mkdtemp(prefix="normjax_priors_"))
+    config = priors_configs.get_config("smoke")
+    config.data_dir = DATA_DIR
+    config.parts = "probe,stats"
+    config.probe_norms = ("batch", "layer")
+    config.sweep_norms = ()
+    config.text_norms = ()
+    config.context_norms = ()
+    priors.run_study(config, str(workdir))
+    RESULTS = workdir / "results.json"
+RESULTS = pathlib.Path(RESULTS)
+results = json.loads(RESULTS.read_text())
+config = ml_collections.ConfigDict(results["config"])
+print(json.dumps(results["header"], indent=1))
+
+# %% [md]
+# ## The tables
+#
+# `priors.write_markdown` rebuilds `results.md` from the results; here it is
+# rendered in place. Per-sample norms (layer, group, ...) must read the same in
+# every column of table 1.
+
+# %%
+replayed = RESULTS.parent / "replayed.md"
+priors.write_markdown(results, config, replayed)
+display(Markdown(replayed.read_text()))
+
+# %% [md]
+# ## The plots
+
+# %%
+priors.write_plots(results, config, RESULTS.parent)
+for name in priors.PLOTS:
+    display(Image(filename=str(RESULTS.parent / name)))
+
+# %% [md]
+# ## One model, every statistics source
+#
+# The probe's batch-norm model of the first seed, restored from its checkpoint and
+# evaluated through `normjax.calibrate` with running, precise and current-batch
+# statistics — and with batches that hold a single class, where the batch's
+# statistics are no longer those of the population.
+
+# %%
+seed = results["header"]["seeds"][0]
+run_dir = RESULTS.parent / "runs" / f"probe_batch_s{seed}"
+run_config = ml_collections.ConfigDict(
+    json.loads((run_dir / "config.json").read_text())
+)
+run_config.data_dir = DATA_DIR if run_config.data_dir is None else run_config.data_dir
+_, model, task, state = cifar_experiment.train(run_config, str(run_dir))
+variables = jax.device_get(state.variables())
+test_x = cifar.standardize(jnp.asarray(task.data.test_images), task.mean, task.std)
+test_y = task.data.test_labels
+train_x = cifar.standardize(
+    jnp.asarray(task.data.train_images[:1024]), task.mean, task.std
+)
+precise = calibrate.precise_batch_stats(
+    model, variables, [train_x[i : i + 256] for i in range(0, 1024, 256)], train=False
+)
+
+
+def accuracy(source, batches):
+    fn = calibrate.make_eval_fn(
+        model,
+        source=source,
+        precise_stats=precise,
+        method=lambda m, x, mask: m(x, train=False, mask=mask),
+    )
+    logits = np.zeros((len(test_y), 10), np.float32)
+    for idx, mask in zip(batches.indices, batches.mask, strict=True):
+        out = np.asarray(fn(variables, test_x[idx], mask))
+        logits[idx[mask]] = out[mask]
+    return float(np.mean(logits.argmax(-1) == test_y))
+
+
+mixed = cifar.eval_batches(len(test_y), 50)
+homogeneous = cifar.class_homogeneous_eval_batches(test_y, 10, seed=0)
+for source in calibrate.SOURCES:
+    print(f"{source:8s} statistics, mixed batches of 50: {accuracy(source, mixed):.3f}")
+print(f"batch statistics, single-class batches: {accuracy('batch', homogeneous):.3f}")
