@@ -28,6 +28,7 @@ import matplotlib.pyplot as plt
 import ml_collections
 import numpy as np
 
+import normjax
 from experiments import cifar as cifar_experiment
 from experiments import priors
 from experiments.configs import cifar as cifar_configs
@@ -142,7 +143,9 @@ for source in calibrate.SOURCES:
 # %% [md]
 # ## What batch statistics carry: how far each class sits from the population
 #
-# `priors.norm_input_statistics` records, at every norm layer, each sample's
+# Each batch-statistics layer sows the statistics it normalized with into the
+# `'moments'` collection; `priors.norm_input_statistics` records, at every norm
+# layer, each sample's
 # per-channel mean and std of the layer's input. Batch norm normalizes every
 # sample with the batch's (population's) statistics instead, so each sample keeps
 # its offset from the typical sample. Below: the per-sample means against the
@@ -150,6 +153,17 @@ for source in calibrate.SOURCES:
 # deviations — large where a class deviates from the population in its own way.
 
 # %%
+# The batch statistics each batch-statistics layer computed, sown into the
+# 'moments' collection when it is mutable (here for one batch of 500 test images).
+with normjax.nn.statistics_source("batch"):
+    _, sown = model.apply(variables, test_x[:500], train=False, mutable=["moments"])
+for layer, m in sorted(sown["moments"].items()):
+    running = float(variables["batch_stats"][layer]["mean"][0])
+    print(
+        f"{layer}: count {float(m['count'][0]):.0f} per channel, batch mean of "
+        f"channel 0 {float(m['mean'][0]):+.3f} (running {running:+.3f})"
+    )
+
 per_sample = priors.norm_input_statistics(model, variables, test_x)
 offsets = np.zeros((len(per_sample), 10))
 for i, (_, (mean, _)) in enumerate(sorted(per_sample.items())):
@@ -164,6 +178,9 @@ first = sorted(per_sample)[0]
 mean0 = np.asarray(per_sample[first][0])
 axes[0].hist(mean0[:, 0], bins=40, alpha=0.7, label="each sample")
 axes[0].axvline(variables["batch_stats"][first]["mean"][0], color="k", label="running")
+axes[0].axvline(
+    sown["moments"][first]["mean"][0], color="r", linestyle="--", label="this batch"
+)
 axes[0].set_title(f"{first}, channel 0: per-sample means vs population")
 axes[0].legend()
 image = axes[1].imshow(offsets, aspect="auto", cmap="viridis")
