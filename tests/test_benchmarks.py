@@ -39,3 +39,12 @@ def test_benchmark_table_and_json(tmp_path, capsys):
     assert len(saved["rows"]) == len(rows)
     assert saved["rows"][0] == json.loads(json.dumps(rows[0]))
     assert saved["copy_bandwidth_bytes_per_s"] > 0
+
+
+def test_normalize_benchmark_runs(capsys):
+    from benchmarks import normalize
+
+    rows = normalize.main(["--shapes", "4x5x6", "--repeats", "1"])
+    assert len(rows) == 2 * 2  # reductions x passes
+    assert all(row["fused_ms"] > 0 and row["autodiff_ms"] > 0 for row in rows)
+    assert "one-pass ms" in capsys.readouterr().out
