@@ -10,7 +10,6 @@ wall time, examples/s, parameter count) and curves.png.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import pathlib
@@ -21,10 +20,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import app, flags
-from ml_collections import config_flags
 
-import normjax
+from experiments import common
 from normjax import models
 from normjax.data import cifar
 from normjax.train import TrainState, train_and_evaluate
@@ -42,23 +39,15 @@ def _unchanged(variables: dict[str, Any], images: Array) -> dict[str, Any]:
     return variables
 
 
-def _fields(norm: str) -> set[str]:
-    """The constructor fields of the norm's module."""
-    module = normjax.registry.entry(norm).module
-    return {f.name for f in dataclasses.fields(module)}
-
-
 def build_model(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
     """The model named by ``config.model`` (its norm by ``config.norm``) and the
     function that prepares its non-trainable variables from training images."""
-    norm_kwargs = dict(config.norm_kwargs)
-    if config.norm_momentum is not None and "momentum" in _fields(config.norm):
-        norm_kwargs.setdefault("momentum", config.norm_momentum)
+    norm_kwargs = common.norm_kwargs(config)
     ghost = config.ghost_batch_size
     if config.per_device_batch_stats:  # each device's shard is one ghost batch
         ghost = config.batch_size // jax.device_count()
     if ghost is not None:
-        if "ghost_batch_size" not in _fields(config.norm):
+        if "ghost_batch_size" not in common.norm_fields(config.norm):
             raise ValueError(
                 f"norm {config.norm!r} has no per-device or ghost batch statistics; "
                 "use a batch norm ('batch') or unset ghost_batch_size and "
@@ -256,17 +245,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
 def main() -> None:
     """``python -m experiments.cifar --config=...:quick --workdir=...``."""
-    config = config_flags.DEFINE_config_file(
-        "config", "experiments/configs/cifar.py:quick", "Experiment configuration."
+    common.run_with_flags(
+        "experiments/configs/cifar.py:quick",
+        lambda config, workdir: print(json.dumps(run(config, workdir), indent=2)),
     )
-    workdir = flags.DEFINE_string("workdir", None, "Output directory.", required=True)
-
-    def run_from_flags(argv: list[str]) -> None:
-        del argv
-        summary = run(config.value, workdir.value)
-        print(json.dumps(summary, indent=2))
-
-    app.run(run_from_flags)
 
 
 if __name__ == "__main__":

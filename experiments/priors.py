@@ -52,10 +52,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import app, flags
-from ml_collections import config_flags
 
 from experiments import cifar as cifar_experiment
+from experiments import common
 from experiments import text as text_experiment
 from normjax import calibrate, registry
 from normjax.data import cifar
@@ -374,9 +373,15 @@ class Study:
     def run_dir(self, name: str) -> pathlib.Path:
         return self.workdir / "runs" / name
 
+    def probe_dir(self, norm: str, seed: int) -> pathlib.Path:
+        return self.run_dir(f"probe_{norm}_s{seed}")
+
+    def sweep_dir(self, norm: str, batch_size: int, seed: int) -> pathlib.Path:
+        return self.run_dir(f"sweep_{norm}_b{batch_size}_s{seed}")
+
     # Part 1 and 2 share the trained models.
     def probe_run(self, norm: str, seed: int, parts: set[str]) -> dict[str, Any]:
-        workdir = self.run_dir(f"probe_{norm}_s{seed}")
+        workdir = self.probe_dir(norm, seed)
         path = workdir / "probe.json"
         done = _read_json(path) or {}
         want = {"sources"} if "probe" in parts else set()
@@ -397,7 +402,7 @@ class Study:
         return done
 
     def sweep_run(self, norm: str, batch_size: int, seed: int) -> dict[str, Any]:
-        workdir = self.run_dir(f"sweep_{norm}_b{batch_size}_s{seed}")
+        workdir = self.sweep_dir(norm, batch_size, seed)
         path = workdir / "sweep.json"
         if path.exists():
             return _read_json(path)
@@ -513,9 +518,7 @@ def run_study(
             if parts & {"probe", "stats"}:
                 record = study.probe_run(norm, seed, parts)
             else:
-                record = _read_json(
-                    study.run_dir(f"probe_{norm}_s{seed}") / "probe.json"
-                )
+                record = _read_json(study.probe_dir(norm, seed) / "probe.json")
             if not record:
                 continue
             if "sources" in record:
@@ -530,7 +533,7 @@ def run_study(
                     record = study.sweep_run(norm, size, seed)
                 else:
                     record = _read_json(
-                        study.run_dir(f"sweep_{norm}_b{size}_s{seed}") / "sweep.json"
+                        study.sweep_dir(norm, size, seed) / "sweep.json"
                     )
                 if record:
                     results["sweep"].setdefault(norm, {}).setdefault(size, {})[seed] = (
@@ -912,18 +915,13 @@ def write_plots(
 
 def main() -> None:
     """``python -m experiments.priors --config=...:quick --workdir=...``."""
-    config = config_flags.DEFINE_config_file(
-        "config", "experiments/configs/priors.py:quick", "Study configuration."
-    )
-    workdir = flags.DEFINE_string("workdir", None, "Output directory.", required=True)
 
-    def run_from_flags(argv: list[str]) -> None:
-        del argv
+    def run(config: ml_collections.ConfigDict, workdir: str) -> None:
         command = "python -m experiments.priors " + " ".join(sys.argv[1:])
-        run_study(config.value, workdir.value, command=command)
-        print((pathlib.Path(workdir.value) / "results.md").read_text())
+        run_study(config, workdir, command=command)
+        print((pathlib.Path(workdir) / "results.md").read_text())
 
-    app.run(run_from_flags)
+    common.run_with_flags("experiments/configs/priors.py:quick", run)
 
 
 if __name__ == "__main__":

@@ -22,9 +22,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import app, flags
-from ml_collections import config_flags
 
+from experiments import common
 from normjax import models, registry
 from normjax.data import text
 from normjax.train import TrainState, train_and_evaluate
@@ -51,11 +50,6 @@ def build_model(
     config: ml_collections.ConfigDict, vocab_size: int
 ) -> models.Transformer:
     """The decoder of ``config`` with every norm named ``config.norm``."""
-    registry.entry(config.norm)  # an unknown name lists the valid ones
-    norm_kwargs = dict(config.norm_kwargs)
-    fields = getattr(registry.entry(config.norm).module, "__dataclass_fields__", {})
-    if config.norm_momentum is not None and "momentum" in fields:
-        norm_kwargs.setdefault("momentum", config.norm_momentum)
     return models.Transformer(
         vocab_size=vocab_size,
         num_layers=config.num_layers,
@@ -63,7 +57,7 @@ def build_model(
         d_model=config.d_model,
         max_len=config.max_len,
         norm=config.norm,
-        norm_kwargs=norm_kwargs,
+        norm_kwargs=common.norm_kwargs(config),
         causal=_causal(config),
         mlp_ratio=config.mlp_ratio,
         dropout_rate=config.dropout_rate,
@@ -247,17 +241,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
 def main() -> None:
     """``python -m experiments.text --config=...:quick --workdir=...``."""
-    config = config_flags.DEFINE_config_file(
-        "config", "experiments/configs/text.py:quick", "Experiment configuration."
+    common.run_with_flags(
+        "experiments/configs/text.py:quick",
+        lambda config, workdir: print(json.dumps(run(config, workdir), indent=2)),
     )
-    workdir = flags.DEFINE_string("workdir", None, "Output directory.", required=True)
-
-    def run_from_flags(argv: list[str]) -> None:
-        del argv
-        summary = run(config.value, workdir.value)
-        print(json.dumps(summary, indent=2))
-
-    app.run(run_from_flags)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import textwrap
 import numpy as np
 import pytest
 import tfds_data
+from run_metrics import train_rows
 
 from experiments import cifar as experiment
 from experiments.configs import cifar as configs
@@ -23,16 +24,6 @@ def tiny(**overrides):
     config.data_dir = DATA_DIR
     config.update(overrides)
     return config
-
-
-def train_rows(workdir):
-    lines = (workdir / "metrics.jsonl").read_text().splitlines()
-    rows = [json.loads(line) for line in lines]
-    return [
-        {k: v for k, v in r.items() if k != "examples_per_second"}
-        for r in rows
-        if r["split"] == "train"
-    ]
 
 
 @needs_data

@@ -6,6 +6,7 @@ import os
 
 import pytest
 import tfds_data
+from run_metrics import train_rows
 
 from experiments import text as experiment
 from experiments.configs import text as configs
@@ -29,16 +30,6 @@ def tiny(**overrides):
     config.data_dir = DATA_DIR
     config.update(overrides)
     return config
-
-
-def train_rows(workdir):
-    lines = (workdir / "metrics.jsonl").read_text().splitlines()
-    rows = [json.loads(line) for line in lines]
-    return [
-        {k: v for k, v in r.items() if k != "examples_per_second"}
-        for r in rows
-        if r["split"] == "train"
-    ]
 
 
 @needs_data

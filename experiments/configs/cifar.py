@@ -10,6 +10,8 @@
 
 import ml_collections
 
+from experiments.configs import select
+
 
 def base() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
@@ -125,7 +127,4 @@ def tiny() -> ml_collections.ConfigDict:
 
 
 def get_config(preset: str = "quick") -> ml_collections.ConfigDict:
-    presets = {"quick": quick, "full": full, "tiny": tiny}
-    if preset not in presets:
-        raise ValueError(f"unknown preset {preset!r}; use one of {', '.join(presets)}.")
-    return presets[preset]()
+    return select({"quick": quick, "full": full, "tiny": tiny}, preset)

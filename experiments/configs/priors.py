@@ -14,6 +14,7 @@
 import ml_collections
 
 from experiments.configs import cifar as cifar_configs
+from experiments.configs import select
 from experiments.configs import text as text_configs
 
 PARTS = ("probe", "stats", "sweep", "text")
@@ -145,7 +146,4 @@ def smoke() -> ml_collections.ConfigDict:
 
 
 def get_config(preset: str = "quick") -> ml_collections.ConfigDict:
-    presets = {"quick": quick, "full": full, "smoke": smoke}
-    if preset not in presets:
-        raise ValueError(f"unknown preset {preset!r}; use one of {', '.join(presets)}.")
-    return presets[preset]()
+    return select({"quick": quick, "full": full, "smoke": smoke}, preset)

@@ -1,0 +1,45 @@
+"""What every experiment module shares: its command line and its norm options."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import ml_collections
+from absl import app, flags
+from ml_collections import config_flags
+
+from normjax import registry
+
+
+def norm_fields(norm: str) -> set[str]:
+    """The constructor fields of the registered norm's module (an unknown name
+    lists the valid ones)."""
+    return {f.name for f in dataclasses.fields(registry.entry(norm).module)}
+
+
+def norm_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """``config.norm_kwargs``, plus ``config.norm_momentum`` as the norm's
+    running-statistics momentum when it keeps running statistics."""
+    kwargs = dict(config.norm_kwargs)
+    if config.norm_momentum is not None and "momentum" in norm_fields(config.norm):
+        kwargs.setdefault("momentum", config.norm_momentum)
+    return kwargs
+
+
+def run_with_flags(
+    default_config: str, run: Callable[[ml_collections.ConfigDict, str], Any]
+) -> None:
+    """``--config=FILE:PRESET`` (with ``--config.KEY=VALUE`` overrides) and a
+    required ``--workdir``, then ``run(config, workdir)`` under absl."""
+    config = config_flags.DEFINE_config_file(
+        "config", default_config, "Experiment configuration."
+    )
+    workdir = flags.DEFINE_string("workdir", None, "Output directory.", required=True)
+
+    def main(argv: list[str]) -> None:
+        del argv
+        run(config.value, workdir.value)
+
+    app.run(main)
