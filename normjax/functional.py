@@ -58,25 +58,34 @@ def normalize(
     center: bool = True,
     axis_name: Any = None,
     axis_index_groups: Any = None,
+    params: Params | None = None,
+    feature_axes: Axes = (),
+    name: str = "normalize",
 ) -> tuple[Array, Moments]:
-    """``standardize(x, m, epsilon)`` with ``m = stats.moments(x, axes, ...)``, and
-    ``m`` (keepdims): the core of batch, layer, RMS and instance norm.
+    """``affine(standardize(x, m, epsilon), params, feature_axes)`` with
+    ``m = stats.moments(x, axes, ...)``, and ``m`` (keepdims): the core of batch,
+    layer, RMS, instance and group norm. ``params`` ('scale' and/or 'bias', shaped
+    like the ``feature_axes`` of ``x``) are optional.
 
     Without ``axis_name`` it has a hand-derived backward pass (``jax.custom_vjp``)
-    that saves only ``x`` (in its own dtype) and the per-slot mean, count and
-    reciprocal standard deviation, and computes, with x^ = (x - mean) r, w the
-    mask and n the count of each slot,
+    that saves only ``x`` (in its own dtype), the parameters and the per-slot
+    mean, count and reciprocal standard deviation, and computes, with
+    x^ = (x - mean) r, w the mask, n the count of each slot and g = dy * scale,
 
-        dx = r dy - (w r / n) (sum dy + x^ sum(dy x^))      (sums over ``axes``)
+        dx = r g - (w r / n) (sum g + x^ sum(g x^))      (sums over ``axes``)
+        dscale = sum(dy x^),  dbias = sum(dy)            (sums over the others)
 
-    (no ``sum dy`` term when ``center`` is False) plus the terms of any cotangent
+    (no ``sum g`` term when ``center`` is False) plus the terms of any cotangent
     of the returned moments — one pass of reductions instead of autodiff through
-    the two-pass statistics. With ``axis_name`` it is plain autodiff of the same
+    the two-pass statistics, and no standardized copy of ``x`` kept for the
+    parameters' gradients. With ``axis_name`` it is plain autodiff of the same
     forward (the collectives' transposes are left to JAX).
     """
     if epsilon < 0:
         raise ValueError(f"epsilon must be >= 0, got {epsilon}.")
     axes = stats.canonicalize_axes(x.ndim, axes)
+    feature_axes = stats.canonicalize_axes(x.ndim, feature_axes, name="feature_axes")
+    _check_params(x.shape, params, feature_axes, name=name)
     if mask is not None:
         mask = jnp.broadcast_to(jnp.asarray(mask, bool), x.shape)
     if axis_name is not None:
@@ -88,73 +97,113 @@ def normalize(
             axis_name=axis_name,
             axis_index_groups=axis_index_groups,
         )
-        return standardize(x, m, epsilon), m
-    return _normalize(x, mask, axes, center, float(epsilon))
+        return affine(standardize(x, m, epsilon), params, feature_axes, name=name), m
+    params = params or {}
+    return _normalize(
+        x,
+        mask,
+        params.get("scale"),
+        params.get("bias"),
+        axes,
+        feature_axes,
+        center,
+        float(epsilon),
+    )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
 def _normalize(
-    x: Array, mask: Array | None, axes: tuple[int, ...], center: bool, epsilon: float
+    x: Array,
+    mask: Array | None,
+    scale: Array | None,
+    bias: Array | None,
+    axes: tuple[int, ...],
+    feature_axes: tuple[int, ...],
+    center: bool,
+    epsilon: float,
 ) -> tuple[Array, Moments]:
-    return _normalize_fwd(x, mask, axes, center, epsilon)[0]
+    return _normalize_fwd(x, mask, scale, bias, axes, feature_axes, center, epsilon)[0]
 
 
 def _normalize_fwd(
-    x: Array, mask: Array | None, axes: tuple[int, ...], center: bool, epsilon: float
+    x: Array,
+    mask: Array | None,
+    scale: Array | None,
+    bias: Array | None,
+    axes: tuple[int, ...],
+    feature_axes: tuple[int, ...],
+    center: bool,
+    epsilon: float,
 ) -> tuple[tuple[Array, Moments], tuple[Any, ...]]:
     m = stats.moments(x, axes, mask=mask, center=center)
     r = jax.lax.rsqrt(stats.variance(m) + epsilon)
-    y = (x.astype(m.mean.dtype) - m.mean) * r
-    return (y, m), (x, mask, m.count, m.mean, r)
+    dtype = m.mean.dtype
+    shape = _broadcast_shape(x.ndim, x.shape, feature_axes)
+    y = (x.astype(dtype) - m.mean) * r
+    if scale is not None:
+        y = y * scale.reshape(shape).astype(dtype)
+    if bias is not None:
+        y = y + bias.reshape(shape).astype(dtype)
+    return (y, m), (x, mask, scale, bias, m.count, m.mean, r)
 
 
 def _normalize_bwd(
     axes: tuple[int, ...],
+    feature_axes: tuple[int, ...],
     center: bool,
     epsilon: float,
     residuals: tuple[Any, ...],
     cotangents: tuple[Array, Moments],
-) -> tuple[Array, None]:
+) -> tuple[Array, None, Array | None, Array | None]:
     # With c = x - mean, r the reciprocal std, w the mask and 1/n (0 for an empty
-    # slot), and sums over ``axes`` of every position (the outputs at masked
-    # positions depend on the statistics too):
-    #   dx = r dy + w (c A + B),  A = 2 dm2 - r^3/n sum(dy c),
-    #                             B = (dmean - r sum(dy)) / n   (centred only),
+    # slot), g = dy * scale, and sums over ``axes`` of every position (the outputs
+    # at masked positions depend on the statistics too):
+    #   dx = r g + w (c A + B),  A = 2 dm2 - r^3/n sum(g c),
+    #                            B = (dmean - r sum(g)) / n   (centred only),
     # where dmean, dm2 are the cotangents of the returned moments (d mean/dx = w/n,
     # d m2/dx = 2 w c). One fused reduction pass over (x, dy), then one
     # elementwise pass; the centring inside the sums keeps them exact when
     # |mean| >> std.
-    x, mask, count, mean, r = residuals
+    x, mask, scale, bias, count, mean, r = residuals
     dy, dm = cotangents
     dtype = mean.dtype
     dy = dy.astype(dtype)
     centred = x.astype(dtype) - mean
+    others = _other_axes(x.ndim, feature_axes)
+    dscale = dbias = None
+    if bias is not None:
+        dbias = stats.reduce_sum(dy, others).reshape(bias.shape).astype(bias.dtype)
+    if scale is not None:
+        dscale = stats.reduce_sum(dy * (centred * r), others)
+        dscale = dscale.reshape(scale.shape).astype(scale.dtype)
+        shape = _broadcast_shape(x.ndim, x.shape, feature_axes)
+        dy = dy * scale.reshape(shape).astype(dtype)
     inv_n = stats._safe_div(jnp.ones_like(count), count)
     dm2 = dm.m2.astype(dtype)
-    a = 2.0 * dm2 - r * r * r * inv_n * jnp.sum(dy * centred, axes, keepdims=True)
+    a = 2.0 * dm2 - r * r * r * inv_n * stats.reduce_sum(dy * centred, axes)
     if center:
-        b = inv_n * (dm.mean.astype(dtype) - r * jnp.sum(dy, axes, keepdims=True))
+        b = inv_n * (dm.mean.astype(dtype) - r * stats.reduce_sum(dy, axes))
         correction = centred * a + b
     else:
         correction = centred * a
     if mask is not None:
         correction = jnp.where(mask, correction, 0.0)
     dx = r * dy + correction
-    return dx.astype(x.dtype), None
+    return dx.astype(x.dtype), None, dscale, dbias
 
 
 _normalize.defvjp(_normalize_fwd, _normalize_bwd)
 
 
-def affine(
-    y: Array, params: Params | None, feature_axes: tuple[int, ...], *, name: str
-) -> Array:
-    """``y * scale + bias`` with parameters of the shape of ``y``'s feature axes."""
-    if not params:
-        return y
-    feature_shape = tuple(y.shape[a] for a in feature_axes)
-    broadcast = [y.shape[a] if a in feature_axes else 1 for a in range(y.ndim)]
-    for key in params:
+def _check_params(
+    shape: tuple[int, ...],
+    params: Params | None,
+    feature_axes: tuple[int, ...],
+    *,
+    name: str,
+) -> None:
+    feature_shape = tuple(shape[a] for a in feature_axes)
+    for key in params or {}:
         if key not in ("scale", "bias"):
             raise ValueError(
                 f"{name}: unknown parameter {key!r}; expected 'scale' and/or 'bias'."
@@ -166,6 +215,20 @@ def affine(
                 f"{feature_shape}; the parameters belong to another layer or the "
                 "feature axes are set wrongly."
             )
+
+
+def _broadcast_shape(ndim: int, shape: tuple[int, ...], feature_axes: tuple[int, ...]):
+    return [shape[a] if a in feature_axes else 1 for a in range(ndim)]
+
+
+def affine(
+    y: Array, params: Params | None, feature_axes: tuple[int, ...], *, name: str
+) -> Array:
+    """``y * scale + bias`` with parameters of the shape of ``y``'s feature axes."""
+    if not params:
+        return y
+    _check_params(y.shape, params, feature_axes, name=name)
+    broadcast = _broadcast_shape(y.ndim, y.shape, feature_axes)
     if "scale" in params:
         y = y * params["scale"].reshape(broadcast).astype(y.dtype)
     if "bias" in params:
@@ -244,8 +307,8 @@ def _per_sample_norm(
             axis_index_groups=axis_index_groups,
             cumulative_axis=cumulative,
         )
-        y = standardize(x, m, epsilon)
-    else:  # the fused statistics + standardize with the hand-derived backward
+        y = affine(standardize(x, m, epsilon), params, feature_axes, name=name)
+    else:  # statistics, standardize and affine fused, with the hand-derived backward
         y, _ = normalize(
             x,
             reduction_axes,
@@ -254,8 +317,10 @@ def _per_sample_norm(
             center=center,
             axis_name=axis_name,
             axis_index_groups=axis_index_groups,
+            params=params,
+            feature_axes=feature_axes,
+            name=name,
         )
-    y = affine(y, params, feature_axes, name=name)
     return _output(y, x, dtype)
 
 
@@ -378,25 +443,17 @@ def instance_norm(
     )
 
 
-def group_moments(
+def _group_split(
     x: Array,
     *,
     num_groups: int | None,
     group_size: int | None,
     reduction_axes: Axes | None,
-    mask: Array | None = None,
-    axis_name: Any = None,
-    axis_index_groups: Any = None,
-    causal: bool = False,
-    time_axis: int = 1,
-    name: str = "group_norm",
-) -> tuple[Array, Moments]:
-    """Splits the channels (last axis) into groups and reduces each group.
-
-    x_NxHxWxC -> (x_NxHxWxGx(C/G), moments_Nx1x1xGx1) for the default
-    ``reduction_axes`` (every axis but the batch axis 0; they must include the
-    last axis). Shared by group norm, the prior norm and EvoNorm.
-    """
+    mask: Array | None,
+    name: str,
+) -> tuple[Array, tuple[int, ...], Array | None]:
+    """x_NxHxWxC -> (x_NxHxWxGx(C/G), the grouped reduction axes, the grouped
+    mask): a reshape of the last axis, no transpose."""
     channels = x.shape[-1]
     if (num_groups is None) == (group_size is None):
         raise ValueError(
@@ -424,9 +481,39 @@ def group_moments(
     mask = broadcast_mask(mask, x)
     if mask is not None:
         mask = mask.reshape(x_grouped.shape)
+    return x_grouped, (*reduction_axes[:-1], x.ndim), mask
+
+
+def group_moments(
+    x: Array,
+    *,
+    num_groups: int | None,
+    group_size: int | None,
+    reduction_axes: Axes | None,
+    mask: Array | None = None,
+    axis_name: Any = None,
+    axis_index_groups: Any = None,
+    causal: bool = False,
+    time_axis: int = 1,
+    name: str = "group_norm",
+) -> tuple[Array, Moments]:
+    """Splits the channels (last axis) into groups and reduces each group.
+
+    x_NxHxWxC -> (x_NxHxWxGx(C/G), moments_Nx1x1xGx1) for the default
+    ``reduction_axes`` (every axis but the batch axis 0; they must include the
+    last axis). Shared by group norm, the prior norm and EvoNorm.
+    """
+    x_grouped, axes, mask = _group_split(
+        x,
+        num_groups=num_groups,
+        group_size=group_size,
+        reduction_axes=reduction_axes,
+        mask=mask,
+        name=name,
+    )
     m = stats.moments(
         x_grouped,
-        (*reduction_axes[:-1], x.ndim),
+        axes,
         mask=mask,
         axis_name=axis_name,
         axis_index_groups=axis_index_groups,
@@ -454,21 +541,51 @@ def group_norm(
     statistics per group over ``reduction_axes``, which must include the last
     axis (default: every axis but the batch axis 0).
 
-    x_NxHxWxC -> x_NxHxWxGx(C/G) -> mean_Nx1x1xGx1; ``params`` of shape (C,).
+    x_NxHxWxC -> x_NxHxWxGx(C/G) -> mean_Nx1x1xGx1 (a reshape, no transpose);
+    ``params`` of shape (C,). Non-causal, it runs on ``normalize`` (the fused
+    backward pass).
     """
-    x_grouped, m = group_moments(
-        x,
-        num_groups=num_groups,
-        group_size=group_size,
-        reduction_axes=reduction_axes,
-        mask=mask,
-        axis_name=axis_name,
-        axis_index_groups=axis_index_groups,
-        causal=causal,
-        time_axis=time_axis,
-    )
-    y = standardize(x_grouped, m, epsilon).reshape(x.shape)
-    y = affine(y, params, (x.ndim - 1,), name="group_norm")
+    cumulative = _causal_axis(causal, time_axis)
+    if cumulative is not None:
+        x_grouped, m = group_moments(
+            x,
+            num_groups=num_groups,
+            group_size=group_size,
+            reduction_axes=reduction_axes,
+            mask=mask,
+            axis_name=axis_name,
+            axis_index_groups=axis_index_groups,
+            causal=causal,
+            time_axis=time_axis,
+        )
+        y = standardize(x_grouped, m, epsilon)
+    else:
+        x_grouped, axes, mask = _group_split(
+            x,
+            num_groups=num_groups,
+            group_size=group_size,
+            reduction_axes=reduction_axes,
+            mask=mask,
+            name="group_norm",
+        )
+        # The (C,) parameters as (G, C/G), over the grouped layout's last two axes.
+        _check_params(x.shape, params, (x.ndim - 1,), name="group_norm")
+        grouped = {
+            k: v.reshape(x_grouped.shape[-2:]) for k, v in (params or {}).items()
+        }
+        y, _ = normalize(
+            x_grouped,
+            axes,
+            epsilon=epsilon,
+            mask=mask,
+            axis_name=axis_name,
+            axis_index_groups=axis_index_groups,
+            params=grouped,
+            feature_axes=(x.ndim - 1, x.ndim),
+            name="group_norm",
+        )
+        return _output(y.reshape(x.shape), x, dtype)
+    y = affine(y.reshape(x.shape), params, (x.ndim - 1,), name="group_norm")
     return _output(y, x, dtype)
 
 

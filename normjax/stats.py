@@ -74,6 +74,23 @@ def _safe_div(num: Array, den: Array) -> Array:
     return jnp.where(positive, num / jnp.where(positive, den, 1.0), 0.0)
 
 
+def reduce_sum(x: Array, axes: tuple[int, ...]) -> Array:
+    """``jnp.sum(x, axes, keepdims=True)``, summing the minor (last) axis last.
+
+    When ``axes`` holds the last axis and others (group norm's x_NxHxWxGxg over
+    (H, W, g), a layer norm over (H, W, C)), the major axes are summed first,
+    keeping the minor axis contiguous, and the small partial sum is then summed
+    over the last axis. XLA:CPU runs the mixed reduction as one strided loop
+    3-4x slower than the two (the barrier stops XLA from merging them back).
+    """
+    last = x.ndim - 1
+    if last in axes and len(axes) > 1:
+        major = tuple(a for a in axes if a != last)
+        partial = jax.lax.optimization_barrier(jnp.sum(x, major, keepdims=True))
+        return jax.lax.optimization_barrier(jnp.sum(partial, last, keepdims=True))
+    return jax.lax.optimization_barrier(jnp.sum(x, axes, keepdims=True))
+
+
 def _psum(value: Array, axis_name: Any, axis_index_groups: Any) -> Array:
     if axis_name is None:
         return value
@@ -138,12 +155,10 @@ def moments(
     else:
         mask = jnp.broadcast_to(jnp.asarray(mask, bool), x.shape)
         weights = mask.astype(dtype)
-        count = _psum(
-            jnp.sum(weights, axes, keepdims=True), axis_name, axis_index_groups
-        )
+        count = _psum(reduce_sum(weights, axes), axis_name, axis_index_groups)
     if center:
         xw = x if weights is None else x * weights
-        total = _psum(jnp.sum(xw, axes, keepdims=True), axis_name, axis_index_groups)
+        total = _psum(reduce_sum(xw, axes), axis_name, axis_index_groups)
         mean = _safe_div(total, count)
         deviation = x - mean
     else:
@@ -152,7 +167,7 @@ def moments(
     squares = jnp.square(deviation)
     if weights is not None:
         squares = squares * weights
-    m2 = _psum(jnp.sum(squares, axes, keepdims=True), axis_name, axis_index_groups)
+    m2 = _psum(reduce_sum(squares, axes), axis_name, axis_index_groups)
     out = Moments(jnp.broadcast_to(count, mean.shape), mean, m2)
     if not keepdims:
         out = Moments(*(jnp.squeeze(s, axes) for s in out))
