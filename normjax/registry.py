@@ -89,6 +89,42 @@ _REGISTRY: dict[str, Entry] = {
 }
 
 
+def register(
+    name: str,
+    module: Callable[..., nn.Module],
+    *,
+    defaults: dict[str, Any] | None = None,
+    statistics: str = "custom",
+    summary: str = "",
+    replace: bool = False,
+) -> None:
+    """Adds a norm under ``name`` so that every model and flag can use it.
+
+    ``module(**defaults, **overrides)`` must build a Flax module called as
+    ``norm(x, use_running_average=..., mask=...)``; a module that accepts
+    ``causal=`` is given it in sequence models. An existing name is an error
+    unless ``replace=True``.
+
+    Example: ``register('my_norm', MyNorm, defaults={'num_groups': 4})``, then
+    ``ResNet(norm='my_norm')`` or ``--config.norm=my_norm``.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"a norm's name must be a non-empty string, got {name!r}.")
+    if name in _REGISTRY and not replace:
+        raise ValueError(
+            f"norm {name!r} is already registered; pass replace=True to override it."
+        )
+    if not callable(module):
+        raise TypeError(f"register({name!r}): module must be callable, got {module!r}.")
+    _REGISTRY[name] = Entry(module, dict(defaults or {}), statistics, summary)
+
+
+def unregister(name: str) -> None:
+    """Removes a norm added with :func:`register`."""
+    entry(name)
+    del _REGISTRY[name]
+
+
 def names() -> list[str]:
     """The registered norm names, in registration order."""
     return list(_REGISTRY)

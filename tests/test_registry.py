@@ -3,10 +3,11 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import flax.linen as flax_nn
 import pytest
 
 import normjax
-from normjax import nn
+from normjax import models, nn
 
 
 def test_names():
@@ -126,3 +127,35 @@ def test_finite_gradients_at_batch_size_one(name):
 
     grads = jax.grad(loss, argnums=(0, 1))(variables.get("params", {}), x)
     assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+
+
+def test_register_a_norm_and_use_it_in_a_model():
+    class Halve(flax_nn.Module):
+        factor: float = 0.5
+
+        @flax_nn.compact
+        def __call__(self, x, use_running_average=None, mask=None):
+            return x * self.factor
+
+    normjax.registry.register("halve", Halve, defaults={"factor": 0.25})
+    try:
+        assert "halve" in normjax.names()
+        x = jnp.ones((2, 3))
+        y = normjax.make_norm("halve").apply({}, x)
+        np.testing.assert_allclose(y, 0.25 * x)
+        y = normjax.make_norm("halve", factor=2.0).apply({}, x)
+        np.testing.assert_allclose(y, 2.0 * x)
+        with pytest.raises(ValueError, match="already registered; pass replace=True"):
+            normjax.registry.register("halve", Halve)
+        normjax.registry.register("halve", Halve, replace=True)
+        model = models.FastCNN(widths=(4, 4, 4), norm="halve")
+        images = jnp.ones((2, 32, 32, 3))
+        variables = model.init(jax.random.key(0), images, train=False)
+        assert model.apply(variables, images, train=False).shape == (2, 10)
+    finally:
+        normjax.registry.unregister("halve")
+    assert "halve" not in normjax.names()
+    with pytest.raises(ValueError, match="unknown norm 'halve'"):
+        normjax.registry.unregister("halve")
+    with pytest.raises(ValueError, match="non-empty string"):
+        normjax.registry.register("", Halve)
