@@ -6,6 +6,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+import jax
 import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
@@ -32,14 +33,43 @@ def run_with_flags(
     default_config: str, run: Callable[[ml_collections.ConfigDict, str], Any]
 ) -> None:
     """``--config=FILE:PRESET`` (with ``--config.KEY=VALUE`` overrides) and a
-    required ``--workdir``, then ``run(config, workdir)`` under absl."""
+    required ``--workdir``, then ``run(config, workdir)`` under absl.
+
+    ``--distributed`` first calls ``jax.distributed.initialize()`` (several hosts:
+    run the same command on each; on Cloud TPU, SLURM, Open MPI and Kubernetes the
+    peers are found automatically, elsewhere add ``--coordinator_address=HOST:PORT
+    --num_processes=N --process_id=I``)."""
     config = config_flags.DEFINE_config_file(
         "config", default_config, "Experiment configuration."
     )
     workdir = flags.DEFINE_string("workdir", None, "Output directory.", required=True)
+    distributed = flags.DEFINE_bool(
+        "distributed",
+        False,
+        "Call jax.distributed.initialize() first (multi-host training).",
+    )
+    coordinator = flags.DEFINE_string(
+        "coordinator_address", None, "With --distributed: process 0's HOST:PORT."
+    )
+    processes = flags.DEFINE_integer(
+        "num_processes", None, "With --distributed: the number of processes."
+    )
+    process_id = flags.DEFINE_integer(
+        "process_id", None, "With --distributed: this process's index."
+    )
 
     def main(argv: list[str]) -> None:
         del argv
+        if distributed.value:
+            jax.distributed.initialize(
+                coordinator_address=coordinator.value,
+                num_processes=processes.value,
+                process_id=process_id.value,
+            )
+        elif coordinator.value or processes.value or process_id.value is not None:
+            raise app.UsageError(
+                "--coordinator_address/--num_processes/--process_id need --distributed."
+            )
         run(config.value, workdir.value)
 
     app.run(main)

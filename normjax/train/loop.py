@@ -76,12 +76,19 @@ def make_mesh() -> jax.sharding.Mesh:
 
 
 def shard_batch(batch: Batch, mesh: jax.sharding.Mesh) -> Batch:
-    """Places this host's part of the global batch on the ``data`` axis."""
+    """Places the global batch on the ``data`` axis.
+
+    Every host (process) passes the same global batch — tasks' batches are pure
+    functions of the step and seed — and fills only the shards of its own
+    devices, whatever order the mesh puts the hosts' devices in.
+    """
     sharding = NamedSharding(mesh, P("data"))
-    return jax.tree.map(
-        lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
-        batch,
-    )
+
+    def put(x: Any) -> Array:
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    return jax.tree.map(put, batch)
 
 
 def check_batch_size(batch_size: int, mesh: jax.sharding.Mesh) -> None:
@@ -194,7 +201,11 @@ def train_and_evaluate(
     """
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+    primary = jax.process_index() == 0  # with several hosts, one writes files
+    if primary:
+        (workdir / "config.json").write_text(
+            config.to_json_best_effort(indent=2) + "\n"
+        )
     mesh = make_mesh()
     check_batch_size(config.batch_size, mesh)
     total_steps = int(config.num_steps)
@@ -283,5 +294,6 @@ def train_and_evaluate(
         "num_params": _num_params(state.params),
         "devices": mesh.devices.size,
     }
-    (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if primary:
+        (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return (summary, state) if return_state else summary

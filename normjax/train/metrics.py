@@ -8,6 +8,8 @@ import os
 import pathlib
 from typing import Any
 
+import jax
+
 
 def _plain(value: Any) -> Any:
     """JSON-friendly scalars (NumPy/JAX scalars to float/int; NaN stays NaN)."""
@@ -22,7 +24,8 @@ class MetricsLog:
     """Appends ``{"step", "split", ...metrics}`` objects to ``WORKDIR/metrics.jsonl``.
 
     On resume from a checkpoint at step s, ``truncate_after(s)`` drops the lines
-    logged after s by the interrupted run, so the file reads as one run.
+    logged after s by the interrupted run, so the file reads as one run. With
+    several processes (hosts) only process 0 writes; every process may read.
     """
 
     def __init__(self, workdir: str | os.PathLike) -> None:
@@ -32,6 +35,8 @@ class MetricsLog:
     def write(self, step: int, split: str, **metrics: Any) -> dict[str, Any]:
         record = {"step": int(step), "split": split}
         record.update({k: _plain(v) for k, v in metrics.items()})
+        if jax.process_index() != 0:
+            return record
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         return record
@@ -43,6 +48,8 @@ class MetricsLog:
             return [json.loads(line) for line in f if line.strip()]
 
     def truncate_after(self, step: int) -> None:
+        if jax.process_index() != 0:
+            return
         kept = [r for r in self.read() if r["step"] <= step]
         tmp = self.path.with_suffix(".jsonl.tmp")
         with tmp.open("w") as f:
