@@ -170,19 +170,37 @@ def _normalize_bwd(
     dy = dy.astype(dtype)
     centred = x.astype(dtype) - mean
     others = _other_axes(x.ndim, feature_axes)
-    dscale = dbias = None
-    if bias is not None:
-        dbias = stats.reduce_sum(dy, others).reshape(bias.shape).astype(bias.dtype)
-    if scale is not None:
-        dscale = stats.reduce_sum(dy * (centred * r), others)
+    shape = _broadcast_shape(x.ndim, x.shape, feature_axes)
+    scale_b = None if scale is None else scale.reshape(shape).astype(dtype)
+    if not set(feature_axes) & set(axes):
+        # Batch norm: the parameters are constant within each slot, so the
+        # slot sums of dy and dy c serve the parameters' gradients too and the
+        # scale comes out of them (no scaled or standardized copy to reduce).
+        sum_dy = stats.reduce_sum(dy, axes)
+        sum_dyc = stats.reduce_sum(dy * centred, axes)
+        rest = tuple(a for a in others if a not in axes)  # ghost groups
+        dbias = None if bias is None else jnp.sum(sum_dy, rest, keepdims=True)
+        dscale = None if scale is None else jnp.sum(r * sum_dyc, rest, keepdims=True)
+        if scale is not None:
+            sum_dy, sum_dyc, dy = sum_dy * scale_b, sum_dyc * scale_b, dy * scale_b
+    else:
+        dscale = dbias = None
+        if bias is not None:
+            dbias = stats.reduce_sum(dy, others)
+        if scale is not None:
+            dscale = stats.reduce_sum(dy * (centred * r), others)
+            dy = dy * scale_b
+        sum_dyc = stats.reduce_sum(dy * centred, axes)
+        sum_dy = stats.reduce_sum(dy, axes) if center else None
+    if dbias is not None:
+        dbias = dbias.reshape(bias.shape).astype(bias.dtype)
+    if dscale is not None:
         dscale = dscale.reshape(scale.shape).astype(scale.dtype)
-        shape = _broadcast_shape(x.ndim, x.shape, feature_axes)
-        dy = dy * scale.reshape(shape).astype(dtype)
     inv_n = stats._safe_div(jnp.ones_like(count), count)
     dm2 = dm.m2.astype(dtype)
-    a = 2.0 * dm2 - r * r * r * inv_n * stats.reduce_sum(dy * centred, axes)
+    a = 2.0 * dm2 - r * r * r * inv_n * sum_dyc
     if center:
-        b = inv_n * (dm.mean.astype(dtype) - r * stats.reduce_sum(dy, axes))
+        b = inv_n * (dm.mean.astype(dtype) - r * sum_dy)
         correction = centred * a + b
     else:
         correction = centred * a
@@ -672,8 +690,8 @@ class BatchMoments(NamedTuple):
         (for ghost batches: the pooled mean and the pooled within-group m2).
       restore: maps an array shaped like ``x`` back to the input's shape.
       normalized: with ``epsilon`` given and non-causal statistics, ``x``
-        standardized by ``moments`` (through :func:`normalize`'s fused backward);
-        else None.
+        standardized by ``moments`` and scaled and shifted by ``params`` if given
+        (through :func:`normalize`'s fused backward); else None.
     """
 
     x: Array
@@ -696,6 +714,7 @@ def batch_moments(
     causal: bool | str | None = None,
     time_axis: int = 1,
     epsilon: float | None = None,
+    params: Params | None = None,
 ) -> BatchMoments:
     """Per-feature statistics over every axis but ``feature_axes``.
 
@@ -719,6 +738,7 @@ def batch_moments(
         return y
 
     group_axis = None
+    x_feature_axes = feature_axes  # the features' axes in the layout of b.x
     if ghost_batch_size is not None:
         batch = stats.canonicalize_axes(x.ndim, batch_axis, name="batch_axis")[0]
         if batch in feature_axes:
@@ -747,6 +767,7 @@ def batch_moments(
 
         group_axis = batch
         reduction_axes = tuple(a + (a >= batch) for a in reduction_axes)
+        x_feature_axes = tuple(a + (a >= batch) for a in feature_axes)
         if time is not None:
             time = time + (time >= batch)
 
@@ -762,6 +783,9 @@ def batch_moments(
             center=center,
             axis_name=axis_name,
             axis_index_groups=axis_index_groups,
+            params=params,
+            feature_axes=x_feature_axes,
+            name="batch_norm",
         )
     else:
         m = stats.moments(
@@ -934,13 +958,15 @@ def batch_norm(
         causal="per_position" if mode == "running" else mode,
         time_axis=time_axis,
         epsilon=epsilon,
+        params=params,
     )
     if mode != "running":
-        normalized = b.normalized
-        if normalized is None:
-            normalized = standardize(b.x, b.moments, epsilon)
-        y = b.restore(normalized)
-        y = _output(affine(y, params, feature_axes, name=name), x, dtype)
+        if b.normalized is not None:  # the affine is folded in
+            y = b.restore(b.normalized)
+        else:
+            y = standardize(b.x, b.moments, epsilon)
+            y = affine(b.restore(y), params, feature_axes, name=name)
+        y = _output(y, x, dtype)
     new_stats = None
     if batch_stats is not None:
         new_stats = update_running(
