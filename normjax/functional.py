@@ -172,18 +172,23 @@ def _normalize_bwd(
     others = _other_axes(x.ndim, feature_axes)
     shape = _broadcast_shape(x.ndim, x.shape, feature_axes)
     scale_b = None if scale is None else scale.reshape(shape).astype(dtype)
-    if not set(feature_axes) & set(axes):
-        # Batch norm: the parameters are constant within each slot, so the
-        # slot sums of dy and dy c serve the parameters' gradients too and the
-        # scale comes out of them (no scaled or standardized copy to reduce).
-        sum_dy = stats.reduce_sum(dy, axes)
-        sum_dyc = stats.reduce_sum(dy * centred, axes)
-        rest = tuple(a for a in others if a not in axes)  # ghost groups
-        dbias = None if bias is None else jnp.sum(sum_dy, rest, keepdims=True)
-        dscale = None if scale is None else jnp.sum(r * sum_dyc, rest, keepdims=True)
+    pooled = tuple(a for a in axes if a not in feature_axes)
+    if pooled:
+        # Batch and group norm: the parameters are constant along the ``pooled``
+        # axes, so sums over them of dy and dy c (c = x - mean) first; every
+        # other sum, and the scale, then work on those small partial sums (no
+        # scaled or standardized full-size copy for XLA to materialize).
+        part_dy = stats.reduce_sum(dy, pooled)
+        part_dyc = stats.reduce_sum(dy * centred, pooled)
+        rest = tuple(a for a in others if a not in pooled)  # e.g. ghost groups
+        dbias = None if bias is None else jnp.sum(part_dy, rest, keepdims=True)
+        dscale = None if scale is None else jnp.sum(r * part_dyc, rest, keepdims=True)
         if scale is not None:
-            sum_dy, sum_dyc, dy = sum_dy * scale_b, sum_dyc * scale_b, dy * scale_b
-    else:
+            part_dy, part_dyc, dy = part_dy * scale_b, part_dyc * scale_b, dy * scale_b
+        within = tuple(a for a in axes if a not in pooled)  # group norm's channels
+        sum_dy = jnp.sum(part_dy, within, keepdims=True)
+        sum_dyc = jnp.sum(part_dyc, within, keepdims=True)
+    else:  # layer/RMS norm over the features
         dscale = dbias = None
         if bias is not None:
             dbias = stats.reduce_sum(dy, others)
