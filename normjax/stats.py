@@ -87,8 +87,8 @@ def reduce_sum(x: Array, axes: tuple[int, ...]) -> Array:
     if last in axes and len(axes) > 1:
         major = tuple(a for a in axes if a != last)
         partial = jax.lax.optimization_barrier(jnp.sum(x, major, keepdims=True))
-        return jax.lax.optimization_barrier(jnp.sum(partial, last, keepdims=True))
-    return jax.lax.optimization_barrier(jnp.sum(x, axes, keepdims=True))
+        return jnp.sum(partial, last, keepdims=True)
+    return jnp.sum(x, axes, keepdims=True)
 
 
 def _psum(value: Array, axis_name: Any, axis_index_groups: Any) -> Array:
