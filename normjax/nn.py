@@ -222,6 +222,14 @@ class BatchRenorm(_BatchStatistics):
     (batch norm) after step ``start`` to ``r_max`` at ``r_end`` and ``d_max`` at
     ``d_end``, counting training steps in ``batch_stats/steps``; the paper uses
     (5000, 40000, 25000). Without it the limits are fixed.
+
+    Under ``statistics_source('batch')`` (evaluation with the batch's own
+    statistics, and the calibration pass of precise statistics) it normalizes
+    with the batch's statistics alone, r = 1 and d = 0: with its correction, a
+    batch renorm's training output is the running-statistics normalization
+    whenever r and d are not clipped, so 'batch' would otherwise mean 'running'
+    and precise statistics would be measured under running-normalized upstream
+    layers but applied under precise-normalized ones.
     """
 
     use_running_average: bool | None = None
@@ -260,6 +268,8 @@ class BatchRenorm(_BatchStatistics):
             r_max, d_max = F.renorm_limits(steps.value, r_max, d_max, self.relax)
             if self._train_and_update(use_running_average)[1]:
                 steps.value = steps.value + 1
+        if _SOURCE.get() == "batch":  # the batch's statistics alone (see above)
+            r_max, d_max = 1.0, 0.0
         return self._apply(
             F.batch_renorm,
             x,

@@ -156,22 +156,57 @@ def moments(
         mask = jnp.broadcast_to(jnp.asarray(mask, bool), x.shape)
         weights = mask.astype(dtype)
         count = _psum(reduce_sum(weights, axes), axis_name, axis_index_groups)
-    if center:
-        xw = x if weights is None else x * weights
-        total = _psum(reduce_sum(xw, axes), axis_name, axis_index_groups)
-        mean = _safe_div(total, count)
-        deviation = x - mean
+    if center and axis_name is None:
+        mean, m2 = _centred_moments(x, weights, axes, count)
     else:
-        mean = jnp.zeros_like(count)
-        deviation = x
-    squares = jnp.square(deviation)
-    if weights is not None:
-        squares = squares * weights
-    m2 = _psum(reduce_sum(squares, axes), axis_name, axis_index_groups)
+        if center:
+            xw = x if weights is None else x * weights
+            total = _psum(reduce_sum(xw, axes), axis_name, axis_index_groups)
+            mean = _safe_div(total, count)
+            deviation = x - mean
+        else:
+            mean = jnp.zeros_like(count)
+            deviation = x
+        squares = jnp.square(deviation)
+        if weights is not None:
+            squares = squares * weights
+        m2 = _psum(reduce_sum(squares, axes), axis_name, axis_index_groups)
     out = Moments(jnp.broadcast_to(count, mean.shape), mean, m2)
     if not keepdims:
         out = Moments(*(jnp.squeeze(s, axes) for s in out))
     return out
+
+
+# One pass is exact enough while every slot's mean^2 <= _ONE_PASS_RATIO * var:
+# the cancellation in sum(x^2) - n mean^2 then costs at most a factor
+# (1 + ratio) of float32 rounding.
+_ONE_PASS_RATIO = 3.0
+
+
+def _centred_moments(
+    x: Array, weights: Array | None, axes: tuple[int, ...], count: Array
+) -> tuple[Array, Array]:
+    """(mean, m2) of each slot: one fused pass of sum(x) and sum(x^2) when no
+    slot's |mean| exceeds sqrt(3) of its standard deviation, else (``lax.cond``:
+    only one branch runs) the exact two-pass sum of squared deviations from the
+    mean. Flax's one-pass E[x^2] - E[x]^2 loses every digit when |mean| >> std;
+    this keeps the two-pass result's accuracy there and one pass's speed where
+    it is safe (most normalization inputs)."""
+    xw = x if weights is None else x * weights
+    total = reduce_sum(xw, axes)
+    square_sum = reduce_sum(xw * xw, axes)  # w in {0, 1}; no overflow at padding
+    mean = _safe_div(total, count)
+    m2_fast = square_sum - total * mean
+
+    def exact() -> Array:
+        squares = jnp.square(x - mean)
+        if weights is not None:
+            squares = squares * weights
+        return reduce_sum(squares, axes)
+
+    safe = jnp.all(count * mean * mean <= _ONE_PASS_RATIO * m2_fast)
+    m2 = jax.lax.cond(safe, lambda: jnp.maximum(m2_fast, 0.0), exact)
+    return mean, m2
 
 
 def variance(m: Moments, *, ddof: int = 0) -> Array:

@@ -294,6 +294,27 @@ def test_statistics_source_overrides_use_running_average():
             pass
 
 
+def test_batch_renorm_under_the_batch_source_is_batch_norm():
+    """In training, batch renorm's unclipped correction reproduces the running
+    normalization; evaluated with the batch's statistics it must use them."""
+    x = jax.random.normal(jax.random.key(0), (16, 5)) * 3 + 2
+    renorm = nn.BatchRenorm()
+    variables = renorm.init(jax.random.key(1), x, use_running_average=True)
+    variables["batch_stats"] = {"mean": jnp.full(5, 0.5), "var": jnp.full(5, 4.0)}
+    # training: r, d unclipped -> the running-statistics output
+    y_train, _ = renorm.apply(
+        variables, x, use_running_average=False, mutable=["batch_stats"]
+    )
+    y_running = renorm.apply(variables, x, use_running_average=True)
+    np.testing.assert_allclose(y_train, y_running, rtol=1e-4, atol=1e-5)
+    # the batch source: the batch's own statistics, as batch norm
+    with nn.statistics_source("batch"):
+        y_batch = nn.BatchRenorm(use_running_average=True).apply(variables, x)
+    want = (x - x.mean(0)) / jnp.sqrt(x.var(0) + 1e-5)
+    np.testing.assert_allclose(y_batch, want, rtol=1e-4, atol=1e-5)
+    assert np.abs(y_batch - y_running).max() > 0.1
+
+
 def test_moments_collection_holds_the_batch_moments():
     layer = nn.BatchNorm()
     x = jax.random.normal(jax.random.key(0), (8, 4)) * 3 + 2

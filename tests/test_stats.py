@@ -200,3 +200,26 @@ def test_jit_and_vmap_agree_with_eager():
     for a, b, c in itertools.zip_longest(eager, jitted, mapped):
         np.testing.assert_allclose(a, b, rtol=1e-6)
         np.testing.assert_allclose(a.reshape(c.shape), c, rtol=1e-6)
+
+
+@pytest.mark.parametrize("offset", [0.0, 1.5, 1e2, 1e3])
+@pytest.mark.parametrize("masked", [False, True])
+def test_moments_exact_whichever_pass_runs(offset, masked):
+    """One fused pass where |mean| <= sqrt(3) std, the two-pass sums beyond: the
+    variance stays float32-exact even when |mean| >> std (Flax's one-pass
+    E[x^2] - E[x]^2 loses it), under vmap too (where cond runs both)."""
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(64, 5, 3)) * [1.0, 0.1, 3.0] + offset * np.array([1, 1, -1])
+    mask = rng.random((64, 5, 1)) < 0.7 if masked else None
+    x32 = jnp.asarray(x, jnp.float32)
+    m = stats.moments(x32, (0, 1), mask=None if mask is None else jnp.asarray(mask))
+    want = ref_moments(np.asarray(x32, np.float64), (0, 1), mask)
+    np.testing.assert_allclose(m.mean, want[1], rtol=1e-6, atol=1e-6 * (1 + offset))
+    var, want_var = np.asarray(stats.variance(m)), want[2] / want[0]
+    np.testing.assert_allclose(var, want_var, rtol=2e-5)
+    batched = jax.vmap(lambda v: stats.variance(stats.moments(v, (0,))))(
+        jnp.moveaxis(x32, 1, 0)[:, :, None, :]
+    )
+    np.testing.assert_allclose(
+        batched[:, 0, 0, :], np.var(np.asarray(x32, np.float64), 0), rtol=2e-5
+    )
