@@ -1,9 +1,9 @@
 """normjax.registry: one name per norm, one call signature for all."""
 
+import flax.linen as flax_nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import flax.linen as flax_nn
 import pytest
 
 import normjax
