@@ -55,49 +55,44 @@ def test_normalize_benchmark_runs(capsys):
     assert "one-pass ms" in capsys.readouterr().out
 
 
-def test_train_step_benchmark_compares_like_with_like(tmp_path, capsys):
-    from benchmarks import train_step
-
+def test_train_step_benchmark_on_simulated_devices(tmp_path):
+    """Like is timed against like (same model, initialization and batch through
+    flax's and normjax's norms: the same first loss), and --devices sets the
+    device-count flag before JAX starts (a fresh process) and adds the global vs
+    per-device statistics table."""
     out = tmp_path / "steps.json"
-    result = train_step.main(
+    args = ["--cases", "fast_cnn:batch,text:layer", "--batch-scale", "0.0625"]
+    proc = subprocess.run(
         [
-            "--cases",
-            "fast_cnn:batch,text:layer",
-            "--batch-scale",
-            "0.03",
+            sys.executable,
+            "-m",
+            "benchmarks.train_step",
+            "--devices",
+            "2",
+            *args,
             "--repeats",
             "1",
             "--json",
             str(out),
-        ]
-    )
-    rows = result["flax"]
-    assert [r["case"] for r in rows] == ["fast_cnn:batch", "text:layer"]
-    for row in rows:
-        assert row["flax_step_s"] > 0 and row["normjax_step_s"] > 0
-        assert row["flax_peak_mib"] > 0 and row["normjax_peak_mib"] > 0
-        # same model, initialization and batch through flax's and normjax's norms
-        assert row["first_loss_diff"] < 1e-4, row
-    printed = capsys.readouterr().out
-    assert "speed-up" in printed and "fast_cnn:batch" in printed
-    assert json.loads(out.read_text())["flax"][0]["case"] == "fast_cnn:batch"
-
-
-def test_train_step_benchmark_on_simulated_devices():
-    """--devices sets the device-count flag before JAX starts (a fresh process)
-    and adds the global vs per-device statistics table."""
-    args = ["--cases", "fast_cnn:batch", "--batch-scale", "0.0625", "--repeats", "1"]
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.train_step", "--devices", "2", *args],
+        ],
         capture_output=True,
         text=True,
         timeout=600,
         cwd=pathlib.Path(__file__).resolve().parents[1],
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "2 device(s)" in proc.stdout
+    assert "2 device(s)" in proc.stdout and "speed-up" in proc.stdout
     assert "synchronization of global-batch statistics" in proc.stdout
-    assert "fast_cnn" in proc.stdout.split("synchronization")[1]
+    result = json.loads(out.read_text())
+    rows = result["flax"]
+    assert [r["case"] for r in rows] == ["fast_cnn:batch", "text:layer"]
+    for row in rows:
+        assert row["flax_step_s"] > 0 and row["normjax_step_s"] > 0
+        assert row["flax_peak_mib"] > 0 and row["normjax_peak_mib"] > 0
+        assert row["first_loss_diff"] < 1e-4, row
+    (sync,) = result["sync"]
+    assert sync["model"] == "fast_cnn" and sync["devices"] == 2
+    assert sync["global_step_s"] > 0 and sync["per_device_step_s"] > 0
 
 
 def test_train_step_benchmark_rejects_bad_arguments():
