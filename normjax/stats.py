@@ -74,7 +74,7 @@ def _safe_div(num: Array, den: Array) -> Array:
     return jnp.where(positive, num / jnp.where(positive, den, 1.0), 0.0)
 
 
-def reduce_sum(x: Array, axes: tuple[int, ...]) -> Array:
+def reduce_sum(x: Array, axes: tuple[int, ...], dtype: Any = None) -> Array:
     """``jnp.sum(x, axes, keepdims=True)``, summing the minor (last) axis last.
 
     When ``axes`` holds the last axis and others (group norm's x_NxHxWxGxg over
@@ -86,9 +86,10 @@ def reduce_sum(x: Array, axes: tuple[int, ...]) -> Array:
     last = x.ndim - 1
     if last in axes and len(axes) > 1:
         major = tuple(a for a in axes if a != last)
-        partial = jax.lax.optimization_barrier(jnp.sum(x, major, keepdims=True))
+        partial = jnp.sum(x, major, keepdims=True, dtype=dtype)
+        partial = jax.lax.optimization_barrier(partial)
         return jnp.sum(partial, last, keepdims=True)
-    return jnp.sum(x, axes, keepdims=True)
+    return jnp.sum(x, axes, keepdims=True, dtype=dtype)
 
 
 def _psum(value: Array, axis_name: Any, axis_index_groups: Any) -> Array:
@@ -144,7 +145,7 @@ def moments(
                 out = Moments(*(jnp.squeeze(s, pooled) for s in out))
             return out
     dtype = stat_dtype(x.dtype)
-    x = x.astype(dtype)
+    raw, x = x, x.astype(dtype)
     if mask is None:
         size = 1
         for axis in axes:
@@ -157,7 +158,7 @@ def moments(
         weights = mask.astype(dtype)
         count = _psum(reduce_sum(weights, axes), axis_name, axis_index_groups)
     if center and axis_name is None:
-        mean, m2 = _centred_moments(x, weights, axes, count)
+        mean, m2 = _centred_moments(raw, weights, axes, count)
     else:
         if center:
             xw = x if weights is None else x * weights
@@ -192,14 +193,21 @@ def _centred_moments(
     mean. Flax's one-pass E[x^2] - E[x]^2 loses every digit when |mean| >> std;
     this keeps the two-pass result's accuracy there and one pass's speed where
     it is safe (most normalization inputs)."""
-    xw = x if weights is None else x * weights
-    total = reduce_sum(xw, axes)
-    square_sum = reduce_sum(xw * xw, axes)  # w in {0, 1}; no overflow at padding
+    # ``x`` in its own dtype: the exact branch converts it itself, so that no
+    # converted full-size copy becomes an operand of the cond.
+    dtype = count.dtype
+    if weights is None:  # the conversion inside each sum (no converted copy)
+        total = reduce_sum(x, axes, dtype)
+        square_sum = reduce_sum(jnp.square(x.astype(dtype)), axes)
+    else:
+        xw = x.astype(dtype) * weights
+        total = reduce_sum(xw, axes)
+        square_sum = reduce_sum(xw * xw, axes)  # w in {0, 1}: no overflow at padding
     mean = _safe_div(total, count)
     m2_fast = square_sum - total * mean
 
     def exact() -> Array:
-        squares = jnp.square(x - mean)
+        squares = jnp.square(x.astype(dtype) - mean)
         if weights is not None:
             squares = squares * weights
         return reduce_sum(squares, axes)
