@@ -58,13 +58,18 @@ import flax  # noqa: E402
 import flax.linen as flax_nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from benchmarks.norms import machine_info  # noqa: E402
+from experiments import text as text_experiment  # noqa: E402
+from experiments.configs import cifar as cifar_configs  # noqa: E402
+from experiments.configs import text as text_configs  # noqa: E402
 from normjax import models, registry  # noqa: E402
+from normjax import nn as norms  # noqa: E402
 
 Array = jax.Array
 
@@ -74,13 +79,13 @@ Array = jax.Array
 
 class FlaxNorm(flax_nn.Module):
     """A ``flax.linen`` norm behind the registry's call,
-    ``norm(x, use_running_average=..., mask=...)``, with the same defaults as
-    the normjax namesake (epsilon, momentum, groups)."""
+    ``norm(x, use_running_average=..., mask=...)``, with the defaults of the
+    normjax namesake (epsilon, momentum, groups) read from normjax itself."""
 
     kind: str = "batch"
     scale_init: Callable[..., Array] = flax_nn.initializers.ones
-    num_groups: int = 8
-    momentum: float = 0.99
+    num_groups: int = registry.entry("group").defaults["num_groups"]
+    momentum: float = norms.BatchNorm.momentum
     # Layer and RMS norm are per token, causal as they are; flax.linen's batch
     # and group norm have no causal mode.
     causal: bool | str = False
@@ -91,19 +96,20 @@ class FlaxNorm(flax_nn.Module):
     ) -> Array:
         if self.causal and self.kind in ("batch", "group"):
             raise ValueError(f"flax.linen's {self.kind} norm has no causal mode.")
+        epsilon = registry.entry(self.kind).module.epsilon
         if self.kind == "batch":
             if mask is not None:
                 mask = jnp.broadcast_to(mask, x.shape)
             return flax_nn.BatchNorm(
-                momentum=self.momentum, epsilon=1e-5, scale_init=self.scale_init
+                momentum=self.momentum, epsilon=epsilon, scale_init=self.scale_init
             )(x, use_running_average=use_running_average, mask=mask)
         if self.kind == "layer":
-            return flax_nn.LayerNorm(epsilon=1e-6, scale_init=self.scale_init)(x)
+            return flax_nn.LayerNorm(epsilon=epsilon, scale_init=self.scale_init)(x)
         if self.kind == "rms":
-            return flax_nn.RMSNorm(epsilon=1e-6, scale_init=self.scale_init)(x)
+            return flax_nn.RMSNorm(epsilon=epsilon, scale_init=self.scale_init)(x)
         if self.kind == "group":
             return flax_nn.GroupNorm(
-                num_groups=self.num_groups, epsilon=1e-6, scale_init=self.scale_init
+                num_groups=self.num_groups, epsilon=epsilon, scale_init=self.scale_init
             )(x)
         raise ValueError(f"FlaxNorm: no flax.linen namesake for {self.kind!r}.")
 
@@ -146,8 +152,15 @@ DEFAULT_CASES = ("resnet20:batch", "resnet20:group", "text:layer", "text:rms")
 # devices sharing 2 cores exceeds (the process aborts); the smaller CIFAR model
 # and the text model finish.
 DEFAULT_DEVICE_CASES = ("fast_cnn:batch", "text:layer")
-BATCH_SIZES = {"resnet20": 128, "fast_cnn": 256, "text": 32}
-TEXT_LEN, TEXT_VOCAB = 64, 256  # the `quick` text model: 4 layers, d=128
+# The experiments' own presets: ResNet-20 as in CIFAR `full`, FastCNN as in CIFAR
+# `quick`, the text model as in text `quick` (byte vocabulary).
+TEXT = text_configs.quick()
+BATCH_SIZES = {
+    "resnet20": cifar_configs.full().batch_size,
+    "fast_cnn": cifar_configs.quick().batch_size,
+    "text": TEXT.batch_size,
+}
+TEXT_VOCAB = 256
 
 
 def parse_cases(spec: str) -> list[Case]:
@@ -172,7 +185,11 @@ def build(
         if case.model == "resnet20":
             model = models.ResNet(depth=20, norm=norm, norm_kwargs=norm_kwargs)
         else:  # the CIFAR `quick` model
-            model = models.FastCNN(norm=norm, norm_kwargs=norm_kwargs)
+            model = models.FastCNN(
+                widths=tuple(cifar_configs.quick().widths),
+                norm=norm,
+                norm_kwargs=norm_kwargs,
+            )
 
         def batch(seed: int) -> dict[str, np.ndarray]:
             rng = np.random.default_rng(seed)
@@ -184,20 +201,14 @@ def build(
             }
 
         return model, batch
-    model = models.Transformer(
-        vocab_size=TEXT_VOCAB,
-        num_layers=4,
-        num_heads=4,
-        d_model=128,
-        max_len=TEXT_LEN,
-        norm=norm,
-        norm_kwargs=norm_kwargs,
-        causal=True,
-    )
+    config = ml_collections.ConfigDict(TEXT.to_dict())
+    config.norm, config.norm_kwargs = norm, dict(norm_kwargs or {})
+    model = text_experiment.build_model(config, TEXT_VOCAB)
+    length = config.max_len
 
     def text_batch(seed: int) -> dict[str, np.ndarray]:
         rng = np.random.default_rng(seed)
-        tokens = rng.integers(0, TEXT_VOCAB, (case.batch_size, TEXT_LEN + 1))
+        tokens = rng.integers(0, TEXT_VOCAB, (case.batch_size, length + 1))
         return {
             "inputs": tokens[:, :-1].astype(np.int32),
             "labels": tokens[:, 1:].astype(np.int32),

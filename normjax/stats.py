@@ -168,14 +168,21 @@ def moments(
         else:
             mean = jnp.zeros_like(count)
             deviation = x
-        squares = jnp.square(deviation)
-        if weights is not None:
-            squares = squares * weights
-        m2 = _psum(reduce_sum(squares, axes), axis_name, axis_index_groups)
+        m2 = _psum(_square_sum(deviation, weights, axes), axis_name, axis_index_groups)
     out = Moments(jnp.broadcast_to(count, mean.shape), mean, m2)
     if not keepdims:
         out = Moments(*(jnp.squeeze(s, axes) for s in out))
     return out
+
+
+def _square_sum(
+    deviation: Array, weights: Array | None, axes: tuple[int, ...]
+) -> Array:
+    """The (weighted) sum of squared deviations over ``axes``."""
+    squares = jnp.square(deviation)
+    if weights is not None:
+        squares = squares * weights
+    return reduce_sum(squares, axes)
 
 
 # One pass is exact enough while every slot's mean^2 <= _ONE_PASS_RATIO * var:
@@ -207,10 +214,7 @@ def _centred_moments(
     m2_fast = square_sum - total * mean
 
     def exact() -> Array:
-        squares = jnp.square(x.astype(dtype) - mean)
-        if weights is not None:
-            squares = squares * weights
-        return reduce_sum(squares, axes)
+        return _square_sum(x.astype(dtype) - mean, weights, axes)
 
     safe = jnp.all(count * mean * mean <= _ONE_PASS_RATIO * m2_fast)
     m2 = jax.lax.cond(safe, lambda: jnp.maximum(m2_fast, 0.0), exact)
