@@ -496,6 +496,22 @@ def _seeds(config: ml_collections.ConfigDict) -> list[int]:
     return seeds
 
 
+def _machine() -> str:
+    """CPU model and cores, JAX's devices and version."""
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = pathlib.Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.partition(":")[2].strip()
+                break
+    device = jax.devices()[0]
+    return (
+        f"{cpu}, {os.cpu_count()} CPU cores; JAX {jax.__version__} on "
+        f"{jax.device_count()} {device.platform} device(s) ({device.device_kind})"
+    )
+
+
 def run_study(
     config: ml_collections.ConfigDict, workdir: str, command: str | None = None
 ) -> dict[str, Any]:
@@ -511,6 +527,9 @@ def run_study(
     study.workdir.mkdir(parents=True, exist_ok=True)
     seeds = _seeds(config)
     results: dict[str, Any] = {"probe": {}, "stats": {}, "sweep": {}, "text": {}}
+    # Finished and planned runs per part, for the header of partial results.
+    progress = {"probe": [0, 0], "sweep": [0, 0]}
+    text_runs: dict[pathlib.Path, bool] = {}
 
     # 1-2.
     for norm in config.probe_norms:
@@ -519,8 +538,10 @@ def run_study(
                 record = study.probe_run(norm, seed, parts)
             else:
                 record = _read_json(study.probe_dir(norm, seed) / "probe.json")
+            progress["probe"][1] += 1
             if not record:
                 continue
+            progress["probe"][0] += "sources" in record
             if "sources" in record:
                 results["probe"].setdefault(norm, {})[seed] = record["sources"]
             if "statistics" in record:
@@ -535,25 +556,27 @@ def run_study(
                     record = _read_json(
                         study.sweep_dir(norm, size, seed) / "sweep.json"
                     )
+                progress["sweep"][0] += bool(record)
+                progress["sweep"][1] += 1
                 if record:
                     results["sweep"].setdefault(norm, {}).setdefault(size, {})[seed] = (
                         record
                     )
-    # 5.
+    # 5. The longest runs (the context sweep) last.
     text_jobs = [
         ("tokenizer", variant, tokenizer, {})
         for variant in config.text_norms
         for tokenizer in config.text_tokenizers
     ]
     text_jobs += [
-        ("context", variant, "byte", {"max_len": length})
-        for variant in config.context_norms
-        for length in config.context_lengths
-    ]
-    text_jobs += [
         ("small batch", variant, "byte", {"batch_size": config.text_small_batch_size})
         for variant in HEADLINE_TEXT_NORMS
         if variant in config.text_norms
+    ]
+    text_jobs += [
+        ("context", variant, "byte", {"max_len": length})
+        for variant in config.context_norms
+        for length in config.context_lengths
     ]
     for kind, variant, tokenizer, extra in text_jobs:
         # A context length or batch size equal to the text preset's is the
@@ -561,14 +584,12 @@ def run_study(
         same = {k: v for k, v in extra.items() if config.text[k] == v}
         extra_run = {k: v for k, v in extra.items() if k not in same}
         for seed in seeds:
-            summary = None
+            run_dir = study.text_dir(variant, tokenizer, seed, **extra_run)
             if "text" in parts:
                 summary = study.text_run(variant, tokenizer, seed, **extra_run)
             else:
-                summary = _read_json(
-                    study.text_dir(variant, tokenizer, seed, **extra_run)
-                    / "summary.json"
-                )
+                summary = _read_json(run_dir / "summary.json")
+            text_runs[run_dir] = bool(summary)
             if summary:
                 key = _text_key(kind, variant, tokenizer, extra)
                 results["text"].setdefault(key, {})[seed] = {
@@ -580,9 +601,12 @@ def run_study(
         "date": datetime.datetime.now(datetime.timezone.utc).strftime(
             "%Y-%m-%d %H:%M UTC"
         ),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, "
-        f"{jax.devices()[0].platform} ({jax.device_count()} device(s))",
+        "machine": _machine(),
         "seeds": seeds,
+        "finished_runs": {
+            **{part: f"{done}/{total}" for part, (done, total) in progress.items()},
+            "text": f"{sum(text_runs.values())}/{len(text_runs)}",
+        },
     }
     out = {
         "header": header,
@@ -664,11 +688,21 @@ def write_markdown(
     lines = [
         "# The priors study: per-sample vs batch statistics",
         "",
-        f"- command: `{h['command']}`",
+        f"- command: `{h['command']}` (in parts: the same command with "
+        "`--config.parts=probe,stats`, `sweep`, `text`; every call rebuilds these "
+        "tables and plots from the finished runs)",
         f"- date: {h['date']}",
         f"- machine: {h['machine']}",
         f"- seeds: {h['seeds']}; every cell is mean ± std over the seeds that "
         "finished (n in the last column where it varies).",
+        *(
+            [
+                "- finished runs: "
+                + ", ".join(f"{k} {v}" for k, v in h["finished_runs"].items())
+            ]
+            if "finished_runs" in h
+            else []
+        ),
         "",
         "## 1. Test accuracy (%) by statistics source (CIFAR-10)",
         "",
@@ -850,7 +884,14 @@ def write_plots(
     ax.set_xticks(np.arange(len(norms)) + 0.4 - width / 2, norms)
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("accuracy by statistics source")
-    _legend(ax, fontsize=7, ncol=2)
+    # Below the bars, one row: inside the axes it would cover them.
+    _legend(
+        ax,
+        fontsize=8,
+        ncol=len(columns),
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.12),
+    )
     fig.tight_layout()
     fig.savefig(workdir / "probe.png", dpi=100)
 
@@ -917,7 +958,15 @@ def main() -> None:
     """``python -m experiments.priors --config=...:quick --workdir=...``."""
 
     def run(config: ml_collections.ConfigDict, workdir: str) -> None:
-        command = "python -m experiments.priors " + " ".join(sys.argv[1:])
+        # The command without --config.parts: the parts are run (and the tables
+        # rebuilt) by the same command with the parts named.
+        args, argv = [], iter(sys.argv[1:])
+        for arg in argv:
+            if arg == "--config.parts":
+                next(argv, None)  # its value, given as the next argument
+            elif not arg.startswith("--config.parts="):
+                args.append(arg)
+        command = "python -m experiments.priors " + " ".join(args)
         run_study(config, workdir, command=command)
         print((pathlib.Path(workdir) / "results.md").read_text())
 

@@ -31,6 +31,8 @@ def test_smoke_study_writes_every_table_and_plot_and_resumes(tmp_path, monkeypat
         assert (tmp_path / name).stat().st_size > 0, name
     saved = json.loads((tmp_path / "results.json").read_text())
     assert set(saved) >= {"header", "probe", "stats", "sweep", "text"}
+    finished = {"probe": "2/2", "sweep": "4/4", "text": "7/7"}
+    assert saved["header"]["finished_runs"] == finished
     markdown = (tmp_path / "results.md").read_text()
     for heading in ("## 1.", "## 2.", "## 3-4.", "## 5.", "## 6."):
         assert heading in markdown
@@ -76,6 +78,17 @@ def test_smoke_study_writes_every_table_and_plot_and_resumes(tmp_path, monkeypat
     # ... also when reporting only, with no part to run
     config.parts = ""
     assert priors.run_study(config, str(tmp_path))["sweep"] == results["sweep"]
+    # ... and a workdir with no finished run yet says so at the top
+    empty = priors.run_study(config, str(tmp_path / "empty"))
+    assert empty["header"]["finished_runs"] == {
+        "probe": "0/2",
+        "sweep": "0/4",
+        "text": "0/7",
+    }
+    assert (
+        "finished runs: probe 0/2, sweep 0/4, text 0/7"
+        in (tmp_path / "empty" / "results.md").read_text()
+    )
 
 
 def test_norm_input_statistics_are_each_norm_layers_input():
