@@ -30,7 +30,10 @@ separated; every table is mean ± std over ``config.seeds``):
 Resumable: every run lives in ``WORKDIR/runs/<name>/``; a finished run (its
 results file exists) is skipped and a killed one resumes from its checkpoint.
 ``results.json``, ``results.md`` and the PNG plots are rebuilt from whatever runs
-exist, so the study can be run in parts across sessions.
+exist, so the study can be run in parts across sessions. Several processes may
+work on one workdir at once (the same command started again, e.g. one per core
+or per GPU): each run is locked by the process running it and skipped by the
+others; ``--config.parts=`` afterwards rebuilds the tables from every run.
 """
 
 from __future__ import annotations
@@ -59,6 +62,11 @@ from experiments import text as text_experiment
 from normjax import calibrate, registry
 from normjax.data import cifar
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: no run locks, run one study process at a time
+    fcntl = None
+
 Array = jax.Array
 PARTS = ("probe", "stats", "sweep", "text")
 # The headline's norms: batch statistics, per-sample, per-sample + global prior.
@@ -83,6 +91,25 @@ def _parts(config: ml_collections.ConfigDict) -> set[str]:
 
 def _read_json(path: pathlib.Path) -> Any:
     return json.loads(path.read_text()) if path.exists() else None
+
+
+def _claimed(
+    run_dir: pathlib.Path, run: Callable[..., Any], *args: Any, **kwargs: Any
+) -> Any:
+    """``run(*args, **kwargs)`` while holding ``run_dir``'s lock, or None
+    (without running) when another process holds it: several processes can work
+    through one study, each run taken by one. The lock is ``flock``'s, so a
+    killed process leaves none behind."""
+    if fcntl is None:
+        return run(*args, **kwargs)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "LOCK", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"[priors] {run_dir.name}: another process runs it", flush=True)
+            return None
+        return run(*args, **kwargs)  # the lock goes with the file
 
 
 def _write_json(path: pathlib.Path, value: Any) -> None:
@@ -534,10 +561,12 @@ def run_study(
     # 1-2.
     for norm in config.probe_norms:
         for seed in seeds:
+            run_dir = study.probe_dir(norm, seed)
+            record = None
             if parts & {"probe", "stats"}:
-                record = study.probe_run(norm, seed, parts)
-            else:
-                record = _read_json(study.probe_dir(norm, seed) / "probe.json")
+                record = _claimed(run_dir, study.probe_run, norm, seed, parts)
+            if record is None:
+                record = _read_json(run_dir / "probe.json")
             progress["probe"][1] += 1
             if not record:
                 continue
@@ -550,12 +579,12 @@ def run_study(
     for norm in config.sweep_norms:
         for size in config.sweep_batch_sizes:
             for seed in seeds:
+                run_dir = study.sweep_dir(norm, size, seed)
+                record = None
                 if "sweep" in parts:
-                    record = study.sweep_run(norm, size, seed)
-                else:
-                    record = _read_json(
-                        study.sweep_dir(norm, size, seed) / "sweep.json"
-                    )
+                    record = _claimed(run_dir, study.sweep_run, norm, size, seed)
+                if record is None:
+                    record = _read_json(run_dir / "sweep.json")
                 progress["sweep"][0] += bool(record)
                 progress["sweep"][1] += 1
                 if record:
@@ -585,9 +614,12 @@ def run_study(
         extra_run = {k: v for k, v in extra.items() if k not in same}
         for seed in seeds:
             run_dir = study.text_dir(variant, tokenizer, seed, **extra_run)
+            summary = None
             if "text" in parts:
-                summary = study.text_run(variant, tokenizer, seed, **extra_run)
-            else:
+                summary = _claimed(
+                    run_dir, study.text_run, variant, tokenizer, seed, **extra_run
+                )
+            if summary is None:
                 summary = _read_json(run_dir / "summary.json")
             text_runs[run_dir] = bool(summary)
             if summary:

@@ -1,6 +1,8 @@
 """experiments.priors: the smoke study end to end on real data, and its pieces."""
 
 import json
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -150,3 +152,37 @@ def test_presets_give_three_seeds_outside_smoke():
         assert len(configs.get_config(preset).seeds) >= 3
     with pytest.raises(ValueError, match="unknown preset"):
         configs.get_config("medium")
+
+
+@pytest.mark.skipif(priors.fcntl is None, reason="run locks need POSIX flock")
+def test_a_run_another_process_holds_is_skipped_until_that_process_dies(tmp_path):
+    run_dir = tmp_path / "runs" / "sweep_batch_b2_s0"
+    calls = []
+
+    def run(tag):
+        calls.append(tag)
+        return {"tag": tag}
+
+    assert priors._claimed(run_dir, run, "first") == {"tag": "first"}
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, sys, time\n"
+            "lock = open(sys.argv[1], 'w')\n"
+            "fcntl.flock(lock, fcntl.LOCK_EX)\n"
+            "print('held', flush=True)\n"
+            "time.sleep(120)\n",
+            str(run_dir / "LOCK"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert priors._claimed(run_dir, run, "while held") is None
+    finally:
+        holder.kill()  # SIGKILL: no clean-up, the kernel drops the lock
+        holder.wait()
+    assert priors._claimed(run_dir, run, "after") == {"tag": "after"}
+    assert calls == ["first", "after"]
