@@ -84,6 +84,31 @@ def test_killed_run_resumes_and_matches_an_uninterrupted_run(tmp_path):
     assert resumed["test_accuracy"] == whole["test_accuracy"]
 
 
+def test_a_finished_run_is_restored_as_it_was_and_its_files_left_alone(tmp_path):
+    summary, state = train.train_and_evaluate(
+        config(), tmp_path, Net(), SyntheticTask(config()), return_state=True
+    )
+    files = ("config.json", "metrics.jsonl", "summary.json")
+    before = {name: (tmp_path / name).read_text() for name in files}
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run must not train or evaluate")
+
+    task = SyntheticTask(config())
+    task.train_batch = task.evaluate = no_training
+    again, restored = train.train_and_evaluate(
+        config(progress=False), tmp_path, Net(), task, return_state=True
+    )
+    assert again == json.loads(json.dumps(summary))  # the training's wall time too
+    assert {name: (tmp_path / name).read_text() for name in files} == before
+    for a, b in zip(
+        jax.tree.leaves(state.variables()),
+        jax.tree.leaves(restored.variables()),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_power_norm_state_is_updated_through_the_loop(tmp_path):
     model = Net(norm="power")
     task = SyntheticTask(config())

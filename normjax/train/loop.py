@@ -192,8 +192,10 @@ def train_and_evaluate(
     """Trains ``model`` on ``task`` for ``config.num_steps``, resuming from the
     latest checkpoint in ``workdir``; writes ``config.json``, ``metrics.jsonl``,
     ``checkpoints/`` and ``summary.json``. Returns the summary, and the final
-    ``TrainState`` too if ``return_state`` (a finished run is restored from its
-    last checkpoint, evaluated again and returned without training).
+    ``TrainState`` too if ``return_state``. A finished run (its last checkpoint
+    and ``summary.json`` written) is restored and returned as it was, without
+    training and without touching its files: its summary keeps the wall time
+    and throughput of the training that made it.
 
     Config keys: ``seed``, ``batch_size``, ``num_steps``, optimizer keys (see
     ``make_optimizer``), ``log_every``, ``eval_every`` (0: only at the end),
@@ -202,10 +204,6 @@ def train_and_evaluate(
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     primary = jax.process_index() == 0  # with several hosts, one writes files
-    if primary:
-        (workdir / "config.json").write_text(
-            config.to_json_best_effort(indent=2) + "\n"
-        )
     mesh = make_mesh()
     check_batch_size(config.batch_size, mesh)
     total_steps = int(config.num_steps)
@@ -226,6 +224,17 @@ def train_and_evaluate(
         keep=config.get("keep_checkpoints", 2),
     )
     start = checkpointer.latest_step()
+    summary_path = workdir / "summary.json"
+    if start == total_steps and summary_path.exists():
+        state = state.restore(checkpointer.restore(state.checkpoint()))
+        checkpointer.close()
+        summary = json.loads(summary_path.read_text())
+        state = jax.device_put(state, NamedSharding(mesh, P()))
+        return (summary, state) if return_state else summary
+    if primary:
+        (workdir / "config.json").write_text(
+            config.to_json_best_effort(indent=2) + "\n"
+        )
     if start is not None:
         state = state.restore(checkpointer.restore(state.checkpoint()))
         log.truncate_after(start)
@@ -295,5 +304,5 @@ def train_and_evaluate(
         "devices": mesh.devices.size,
     }
     if primary:
-        (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        summary_path.write_text(json.dumps(summary, indent=2) + "\n")
     return (summary, state) if return_state else summary
