@@ -5,12 +5,13 @@
 # plots, and evaluate one of its models under each statistics source through
 # `normjax.calibrate`.
 #
-# Set `RESULTS` to a study's `results.json` (the runs it came from sit beside it, in
-# `runs/`); left at `None`, the notebook runs a small part of the `smoke` study
-# (the statistics-source probe and the statistics classifier, two norms) first.
+# `RESULTS` is a study's `results.json`: by default the `quick` study committed
+# under `results/priors_quick/`. Set it to `None` to run a small part of the
+# `smoke` study (the statistics-source probe and the statistics classifier, two
+# norms) here first.
 
 # %%
-RESULTS = None  # e.g. "../results/priors_quick/results.json"
+RESULTS = "../results/priors_quick/results.json"
 
 # %%
 import json
@@ -29,15 +30,22 @@ from IPython.display import Image, Markdown, display
 
 from experiments import cifar as cifar_experiment
 from experiments import priors
+from experiments.configs import cifar as cifar_configs
 from experiments.configs import priors as priors_configs
 from normjax import calibrate
 from normjax.data import cifar
 
 SHARED = pathlib.Path("../../shared/tfds")
 DATA_DIR = str(SHARED) if SHARED.exists() else os.environ.get("TFDS_DATA_DIR")
+OUT = pathlib.Path(tempfile.mkdtemp(prefix="normjax_priors_"))  # what we write
 
+if RESULTS is not None and not pathlib.Path(RESULTS).exists():
+    raise FileNotFoundError(
+        f"{RESULTS} does not exist: point RESULTS at a study's results.json "
+        "(python -m experiments.priors ... --workdir=DIR writes DIR/results.json), "
+        "or set it to None to run the smoke study here."
+    )
 if RESULTS is None:
-    workdir = pathlib.Path(tempfile.mkdtemp(prefix="normjax_priors_"))
     config = priors_configs.get_config("smoke")
     config.data_dir = DATA_DIR
     config.parts = "probe,stats"
@@ -45,11 +53,12 @@ if RESULTS is None:
     config.sweep_norms = ()
     config.text_norms = ()
     config.context_norms = ()
-    priors.run_study(config, str(workdir))
-    RESULTS = workdir / "results.json"
+    priors.run_study(config, str(OUT))
+    RESULTS = OUT / "results.json"
 RESULTS = pathlib.Path(RESULTS)
 results = json.loads(RESULTS.read_text())
 config = ml_collections.ConfigDict(results["config"])
+print(RESULTS)
 print(json.dumps(results["header"], indent=1))
 
 # %% [md]
@@ -60,7 +69,7 @@ print(json.dumps(results["header"], indent=1))
 # every column of table 1.
 
 # %%
-replayed = RESULTS.parent / "replayed.md"
+replayed = OUT / "replayed.md"
 priors.write_markdown(results, config, replayed)
 display(Markdown(replayed.read_text()))
 
@@ -68,9 +77,9 @@ display(Markdown(replayed.read_text()))
 # ## The plots
 
 # %%
-priors.write_plots(results, config, RESULTS.parent)
+priors.write_plots(results, config, OUT)
 for name in priors.PLOTS:
-    display(Image(filename=str(RESULTS.parent / name)))
+    display(Image(filename=str(OUT / name)))
 
 # %% [md]
 # ## One model, every statistics source
@@ -78,15 +87,28 @@ for name in priors.PLOTS:
 # The probe's batch-norm model of the first seed, restored from its checkpoint and
 # evaluated through `normjax.calibrate` with running, precise and current-batch
 # statistics — and with batches that hold a single class, where the batch's
-# statistics are no longer those of the population.
+# statistics are no longer those of the population. The committed study keeps its
+# results, not its checkpoints (`results/*/runs/` is not in git): where the
+# checkpoint is missing, a small batch-norm model (the CIFAR `tiny` preset's
+# network, 300 steps on 10,000 images) is trained here instead, in seconds.
 
 # %%
 seed = results["header"]["seeds"][0]
 run_dir = RESULTS.parent / "runs" / f"probe_batch_s{seed}"
-run_config = ml_collections.ConfigDict(
-    json.loads((run_dir / "config.json").read_text())
-)
-run_config.data_dir = DATA_DIR if run_config.data_dir is None else run_config.data_dir
+if (run_dir / "checkpoints").exists():
+    run_config = ml_collections.ConfigDict(
+        json.loads((run_dir / "config.json").read_text())
+    )
+    # The run's data_dir may be relative to where the study ran: ours first.
+    run_config.data_dir = DATA_DIR or run_config.data_dir
+else:
+    print(f"no checkpoint in {run_dir}: training the tiny preset's batch-norm model")
+    run_dir = OUT / "tiny_batch"
+    run_config = cifar_configs.get_config("tiny")
+    run_config.data_dir = DATA_DIR
+    run_config.norm = "batch"
+    run_config.train_subset, run_config.test_subset = 10_000, 1_000
+    run_config.num_steps, run_config.eval_batch_size = 300, 500
 _, model, task, state = cifar_experiment.train(run_config, str(run_dir))
 variables = jax.device_get(state.variables())
 test_x = cifar.standardize(jnp.asarray(task.data.test_images), task.mean, task.std)
