@@ -112,6 +112,15 @@ def _claimed(
         return run(*args, **kwargs)  # the lock goes with the file
 
 
+def _run_or_read(
+    path: pathlib.Path, run_now: Any, run: Callable[..., Any], *args: Any, **kwargs: Any
+) -> Any:
+    """A run's record: ``run(*args, **kwargs)`` when ``run_now`` and no other
+    process holds the run, else what it wrote to ``path`` so far (None: nothing)."""
+    record = _claimed(path.parent, run, *args, **kwargs) if run_now else None
+    return _read_json(path) if record is None else record
+
+
 def _write_json(path: pathlib.Path, value: Any) -> None:
     """Atomic: a killed study never leaves a half-written results file."""
     tmp = path.with_name(path.name + ".tmp")
@@ -561,12 +570,14 @@ def run_study(
     # 1-2.
     for norm in config.probe_norms:
         for seed in seeds:
-            run_dir = study.probe_dir(norm, seed)
-            record = None
-            if parts & {"probe", "stats"}:
-                record = _claimed(run_dir, study.probe_run, norm, seed, parts)
-            if record is None:
-                record = _read_json(run_dir / "probe.json")
+            record = _run_or_read(
+                study.probe_dir(norm, seed) / "probe.json",
+                parts & {"probe", "stats"},
+                study.probe_run,
+                norm,
+                seed,
+                parts,
+            )
             progress["probe"][1] += 1
             if not record:
                 continue
@@ -579,12 +590,14 @@ def run_study(
     for norm in config.sweep_norms:
         for size in config.sweep_batch_sizes:
             for seed in seeds:
-                run_dir = study.sweep_dir(norm, size, seed)
-                record = None
-                if "sweep" in parts:
-                    record = _claimed(run_dir, study.sweep_run, norm, size, seed)
-                if record is None:
-                    record = _read_json(run_dir / "sweep.json")
+                record = _run_or_read(
+                    study.sweep_dir(norm, size, seed) / "sweep.json",
+                    "sweep" in parts,
+                    study.sweep_run,
+                    norm,
+                    size,
+                    seed,
+                )
                 progress["sweep"][0] += bool(record)
                 progress["sweep"][1] += 1
                 if record:
@@ -614,13 +627,15 @@ def run_study(
         extra_run = {k: v for k, v in extra.items() if k not in same}
         for seed in seeds:
             run_dir = study.text_dir(variant, tokenizer, seed, **extra_run)
-            summary = None
-            if "text" in parts:
-                summary = _claimed(
-                    run_dir, study.text_run, variant, tokenizer, seed, **extra_run
-                )
-            if summary is None:
-                summary = _read_json(run_dir / "summary.json")
+            summary = _run_or_read(
+                run_dir / "summary.json",
+                "text" in parts,
+                study.text_run,
+                variant,
+                tokenizer,
+                seed,
+                **extra_run,
+            )
             text_runs[run_dir] = bool(summary)
             if summary:
                 key = _text_key(kind, variant, tokenizer, extra)
