@@ -113,7 +113,11 @@ def _claimed(
 
 
 def _run_or_read(
-    path: pathlib.Path, run_now: Any, run: Callable[..., Any], *args: Any, **kwargs: Any
+    path: pathlib.Path,
+    run_now: bool,
+    run: Callable[..., Any],
+    *args: Any,
+    **kwargs: Any,
 ) -> Any:
     """A run's record: ``run(*args, **kwargs)`` when ``run_now`` and no other
     process holds the run, else what it wrote to ``path`` so far (None: nothing)."""
@@ -563,8 +567,7 @@ def run_study(
     study.workdir.mkdir(parents=True, exist_ok=True)
     seeds = _seeds(config)
     results: dict[str, Any] = {"probe": {}, "stats": {}, "sweep": {}, "text": {}}
-    # Finished and planned runs per part, for the header of partial results.
-    progress = {"probe": [0, 0], "sweep": [0, 0]}
+    # Text runs (finished or not) by directory: reused runs count once.
     text_runs: dict[pathlib.Path, bool] = {}
 
     # 1-2.
@@ -572,16 +575,14 @@ def run_study(
         for seed in seeds:
             record = _run_or_read(
                 study.probe_dir(norm, seed) / "probe.json",
-                parts & {"probe", "stats"},
+                bool(parts & {"probe", "stats"}),
                 study.probe_run,
                 norm,
                 seed,
                 parts,
             )
-            progress["probe"][1] += 1
             if not record:
                 continue
-            progress["probe"][0] += "sources" in record
             if "sources" in record:
                 results["probe"].setdefault(norm, {})[seed] = record["sources"]
             if "statistics" in record:
@@ -598,8 +599,6 @@ def run_study(
                     size,
                     seed,
                 )
-                progress["sweep"][0] += bool(record)
-                progress["sweep"][1] += 1
                 if record:
                     results["sweep"].setdefault(norm, {}).setdefault(size, {})[seed] = (
                         record
@@ -643,6 +642,9 @@ def run_study(
                     "val_bits_per_byte": summary["val_bits_per_byte"],
                     "val_bits_per_byte_batch": summary.get("val_bits_per_byte_batch"),
                 }
+    probe_done = sum(map(len, results["probe"].values()))
+    sweep_done = sum(len(r) for n in results["sweep"].values() for r in n.values())
+    sweep_planned = len(config.sweep_norms) * len(config.sweep_batch_sizes) * len(seeds)
     header = {
         "command": command or f"experiments.priors.run_study(config, {workdir!r})",
         "date": datetime.datetime.now(datetime.timezone.utc).strftime(
@@ -650,8 +652,10 @@ def run_study(
         ),
         "machine": _machine(),
         "seeds": seeds,
+        # Finished of planned runs per part, for the header of partial results.
         "finished_runs": {
-            **{part: f"{done}/{total}" for part, (done, total) in progress.items()},
+            "probe": f"{probe_done}/{len(config.probe_norms) * len(seeds)}",
+            "sweep": f"{sweep_done}/{sweep_planned}",
             "text": f"{sum(text_runs.values())}/{len(text_runs)}",
         },
     }
