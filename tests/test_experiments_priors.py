@@ -67,6 +67,10 @@ def test_smoke_study_writes_every_table_and_plot_and_resumes(tmp_path, monkeypat
     assert len(results["text"]) == 4 + 2 + 2
     runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
     assert "text_batch_byte_L16_s0" not in runs and "text_batch_byte_L8_s0" in runs
+    # the context sweep gives both evaluations, running (batch's causal stats)
+    context = markdown.split("Context-length sweep")[1].split("## 6.")[0]
+    row = next(line for line in context.splitlines() if line.startswith("| batch |"))
+    assert row.count("(") == len(config.context_lengths) and "—" not in row
 
     # Resumable: a second call trains nothing and gives the same results.
     def no_training(*args, **kwargs):
