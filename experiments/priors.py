@@ -614,10 +614,10 @@ def run_study(
         for variant in HEADLINE_TEXT_NORMS
         if variant in config.text_norms
     ]
-    text_jobs += [
+    text_jobs += [  # shortest context first: a column is complete before the next
         ("context", variant, "byte", {"max_len": length})
+        for length in sorted(config.context_lengths)
         for variant in config.context_norms
-        for length in config.context_lengths
     ]
     for kind, variant, tokenizer, extra in text_jobs:
         # A context length or batch size equal to the text preset's is the
