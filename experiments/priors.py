@@ -692,6 +692,17 @@ def _text_key(kind: str, variant: str, tokenizer: str, extra: dict[str, Any]) ->
     return f"{kind}|{variant}|{tokenizer}|{json.dumps(extra)}"
 
 
+def _as_trained(variant: str) -> str:
+    """The text evaluation that normalizes as training did: the running one for
+    norms that train on running statistics (power norm, causal='running'), the
+    evaluation batch's own causal statistics otherwise (the two are equal for
+    per-sample norms)."""
+    norm, _, causal = variant.partition(":")
+    if norm == "power" or causal == "running":
+        return "val_bits_per_byte"
+    return "val_bits_per_byte_batch"
+
+
 def headline_rows(results: dict[str, Any], config: ml_collections.ConfigDict) -> list:
     """(model, norm, large-batch values, small-batch values) for the headline."""
     rows = []
@@ -724,8 +735,8 @@ def headline_rows(results: dict[str, Any], config: ml_collections.ConfigDict) ->
                 "text bits per byte (byte tokens; evaluated with the batch's "
                 "causal statistics, as trained)",
                 norm,
-                _values(big, "val_bits_per_byte_batch"),
-                _values(little, "val_bits_per_byte_batch"),
+                _values(big, _as_trained(norm)),
+                _values(little, _as_trained(norm)),
                 1.0,
             )
         )
@@ -831,7 +842,9 @@ def write_markdown(
     lines.append(
         "Evaluated with running statistics, and (in brackets) with each "
         f"evaluation batch's own causal statistics ({config.text.eval_batch_size} "
-        "windows), as in training; per-sample norms read the same in both."
+        "windows), as batch norm and bln normalize in training; power norm "
+        "divides by its running quadratic mean in training too, so its running "
+        "value is the as-trained one; per-sample norms read the same in both."
     )
     lines.append("")
     toks = list(config.text_tokenizers)
@@ -973,7 +986,7 @@ def write_plots(
             mean_std(
                 _values(
                     results["text"].get(_text_key("tokenizer", v, tok, {}), {}),
-                    "val_bits_per_byte_batch",
+                    _as_trained(v),
                 )
             )[0]
             for v in variants
@@ -982,7 +995,7 @@ def write_plots(
     axes[0].set_xticks(np.arange(len(variants)) + 0.4 - width / 2, variants, fontsize=7)
     # As trained: running statistics can be far off for causal batch norms
     # (results.md has both evaluations).
-    axes[0].set_ylabel("validation bits per byte\n(batch's causal statistics)")
+    axes[0].set_ylabel("validation bits per byte\n(statistics as in training)")
     _legend(axes[0])
     for variant in config.context_norms:
         lengths = list(config.context_lengths)
@@ -992,7 +1005,7 @@ def write_plots(
                     results["text"].get(
                         _text_key("context", variant, "byte", {"max_len": n}), {}
                     ),
-                    "val_bits_per_byte_batch",
+                    _as_trained(variant),
                 )
             )[0]
             for n in lengths

@@ -190,3 +190,13 @@ def test_a_run_another_process_holds_is_skipped_until_that_process_dies(tmp_path
         holder.wait()
     assert priors._claimed(run_dir, run, "after") == {"tag": "after"}
     assert calls == ["first", "after"]
+
+
+def test_text_plots_and_headline_use_the_evaluation_that_matches_training():
+    # batch norm and bln normalize with the batch's causal statistics in training;
+    # power norm (and causal='running') with running statistics.
+    assert priors._as_trained("batch") == "val_bits_per_byte_batch"
+    assert priors._as_trained("batch:per_position") == "val_bits_per_byte_batch"
+    assert priors._as_trained("bln") == "val_bits_per_byte_batch"
+    assert priors._as_trained("power") == "val_bits_per_byte"
+    assert priors._as_trained("batch:running") == "val_bits_per_byte"
