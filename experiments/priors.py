@@ -1013,6 +1013,7 @@ def write_plots(
         axes[1].plot(lengths, means, marker="o", label=variant)
     axes[1].set_xscale("log", base=2)
     axes[1].set_xlabel("context length (bytes)")
+    axes[1].set_ylabel("validation bits per byte (as in training)")
     axes[1].set_title("context-length sweep")
     _legend(axes[1])
     fig.tight_layout()
