@@ -732,8 +732,7 @@ def headline_rows(results: dict[str, Any], config: ml_collections.ConfigDict) ->
         )
         rows.append(
             (
-                "text bits per byte (byte tokens; evaluated with the batch's "
-                "causal statistics, as trained)",
+                "text bits per byte (byte tokens; statistics as in training)",
                 norm,
                 _values(big, _as_trained(norm)),
                 _values(little, _as_trained(norm)),
