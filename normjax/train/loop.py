@@ -224,25 +224,24 @@ def train_and_evaluate(
         keep=config.get("keep_checkpoints", 2),
     )
     start = checkpointer.latest_step()
+    if start is not None:
+        state = state.restore(checkpointer.restore(state.checkpoint()))
+    replicated = NamedSharding(mesh, P())
+    state = jax.device_put(state, replicated)
     summary_path = workdir / "summary.json"
     if start == total_steps and summary_path.exists():
-        state = state.restore(checkpointer.restore(state.checkpoint()))
         checkpointer.close()
         summary = json.loads(summary_path.read_text())
-        state = jax.device_put(state, NamedSharding(mesh, P()))
         return (summary, state) if return_state else summary
     if primary:
         (workdir / "config.json").write_text(
             config.to_json_best_effort(indent=2) + "\n"
         )
     if start is not None:
-        state = state.restore(checkpointer.restore(state.checkpoint()))
         log.truncate_after(start)
     else:
         log.truncate_after(-1)
         start = 0
-    replicated = NamedSharding(mesh, P())
-    state = jax.device_put(state, replicated)
     train_step = jax.jit(make_train_step(model, task), donate_argnums=(0,))
     predictor = Predictor(model, task, mesh)
     step_rng = jax.random.fold_in(rng, 1)
