@@ -703,6 +703,13 @@ def _as_trained(variant: str) -> str:
     return "val_bits_per_byte_batch"
 
 
+def _text_cell(per_seed: dict[Any, Any]) -> str:
+    """'running (batch's causal statistics)' bits per byte, mean ± std."""
+    running = _fmt(_values(per_seed, "val_bits_per_byte"), 1, 3)
+    batch = _fmt(_values(per_seed, "val_bits_per_byte_batch"), 1, 3)
+    return f"{running} ({batch})"
+
+
 def headline_rows(results: dict[str, Any], config: ml_collections.ConfigDict) -> list:
     """(model, norm, large-batch values, small-batch values) for the headline."""
     rows = []
@@ -853,9 +860,7 @@ def write_markdown(
         cells = []
         for t in toks:
             per_seed = results["text"].get(_text_key("tokenizer", variant, t, {}), {})
-            running = _fmt(_values(per_seed, "val_bits_per_byte"), 1, 3)
-            batch = _fmt(_values(per_seed, "val_bits_per_byte_batch"), 1, 3)
-            cells.append(f"{running} ({batch})")
+            cells.append(_text_cell(per_seed))
         lines.append(f"| {variant} | " + " | ".join(cells) + " |")
     lines += [
         "",
@@ -871,9 +876,7 @@ def write_markdown(
             per_seed = results["text"].get(
                 _text_key("context", variant, "byte", {"max_len": n}), {}
             )
-            running = _fmt(_values(per_seed, "val_bits_per_byte"), 1, 3)
-            batch = _fmt(_values(per_seed, "val_bits_per_byte_batch"), 1, 3)
-            cells.append(f"{running} ({batch})")
+            cells.append(_text_cell(per_seed))
         lines.append(f"| {variant} | " + " | ".join(cells) + " |")
     lines += ["", "## 6. Headline: does the global prior close the gap?", ""]
     large, small = max(config.sweep_batch_sizes), config.headline_small_batch
