@@ -694,11 +694,11 @@ def _text_key(kind: str, variant: str, tokenizer: str, extra: dict[str, Any]) ->
 
 def _as_trained(variant: str) -> str:
     """The text evaluation that normalizes as training did: the running one for
-    norms that train on running statistics (power norm, causal='running'), the
-    evaluation batch's own causal statistics otherwise (the two are equal for
-    per-sample norms)."""
+    norms the registry lists as training on running statistics (power norm) and
+    for causal='running', the evaluation batch's own causal statistics otherwise
+    (the two are equal for per-sample norms)."""
     norm, _, causal = variant.partition(":")
-    if norm == "power" or causal == "running":
+    if registry.entry(norm).statistics == "running" or causal == "running":
         return "val_bits_per_byte"
     return "val_bits_per_byte_batch"
 
