@@ -1,10 +1,11 @@
 """Sufficient statistics that merge: ``(count, mean, m2)`` per reduced slot.
 
 Every norm in normjax reduces its input to :class:`Moments` and normalizes with
-them. Because moments merge exactly (Chan, Golub & LeVeque 1979), the same few
-functions serve masks (padding has count 0), several devices (``psum`` of the
-parts), ghost batches (reduce per group, merge the groups), cumulative statistics
-along time (prefix merge) and precise population statistics (merge over batches).
+them (as a :class:`MeanVar`). Because moments merge exactly (Chan, Golub &
+LeVeque 1979), the same few functions serve masks (padding has count 0), several
+devices (``psum`` of the parts), ghost batches (reduce per group, merge the
+groups), cumulative statistics along time (prefix merge) and precise population
+statistics (merge over batches).
 
 Conventions:
   * statistics are float32 or wider, whatever the input dtype;
@@ -12,6 +13,10 @@ Conventions:
     (two passes): ``E[x^2] - E[x]^2`` cancels catastrophically when the mean is
     large against the spread, and is never used;
   * a slot with count 0 has mean 0 and m2 0, never NaN.
+
+What a norm divides by is a plain :class:`MeanVar` — from moments
+(:func:`mean_var`), or a running average, a population or prior estimate, none
+of which is a sufficient statistic.
 """
 
 from __future__ import annotations
@@ -42,6 +47,16 @@ class Moments(NamedTuple):
     m2: Array
 
 
+class MeanVar(NamedTuple):
+    """The mean and variance a norm standardizes with, broadcastable to its input.
+
+    For uncentred (RMS) normalization the mean is 0 and ``var`` the mean square.
+    """
+
+    mean: Array
+    var: Array
+
+
 def stat_dtype(dtype: Any) -> jnp.dtype:
     """The dtype statistics are reduced in: ``dtype`` promoted to at least float32."""
     return jnp.promote_types(jnp.dtype(dtype), jnp.float32)
@@ -68,7 +83,7 @@ def canonicalize_axes(ndim: int, axes: Axes, *, name: str = "axes") -> tuple[int
     return tuple(sorted(set(out)))
 
 
-def _safe_div(num: Array, den: Array) -> Array:
+def safe_div(num: Array, den: Array) -> Array:
     """num / den where den > 0, else 0 — with finite gradients on both branches."""
     positive = den > 0
     return jnp.where(positive, num / jnp.where(positive, den, 1.0), 0.0)
@@ -92,10 +107,28 @@ def reduce_sum(x: Array, axes: tuple[int, ...], dtype: Any = None) -> Array:
     return jnp.sum(x, axes, keepdims=True, dtype=dtype)
 
 
-def _psum(value: Array, axis_name: Any, axis_index_groups: Any) -> Array:
+def psum(value: Array, axis_name: Any, axis_index_groups: Any = None) -> Array:
+    """``lax.psum`` over ``axis_name`` (devices, or a ``vmap``); identity if None."""
     if axis_name is None:
         return value
     return jax.lax.psum(value, axis_name, axis_index_groups=axis_index_groups)
+
+
+def masked_sum(
+    x: Array,
+    axes: Axes,
+    *,
+    mask: Array | None = None,
+    axis_name: Any = None,
+    axis_index_groups: Any = None,
+) -> Array:
+    """The sum over ``axes`` (kept as size 1) of the elements of ``x`` where
+    ``mask`` holds, summed over ``axis_name`` devices too; masked elements are
+    selected out, not multiplied by 0."""
+    axes = canonicalize_axes(jnp.ndim(x), axes)
+    if mask is not None:
+        x = jnp.where(mask, x, jnp.zeros((), jnp.result_type(x)))
+    return psum(reduce_sum(x, axes), axis_name, axis_index_groups)
 
 
 def moments(
@@ -151,24 +184,24 @@ def moments(
         for axis in axes:
             size *= x.shape[axis]
         count = jnp.full([1 if i in axes else n for i, n in enumerate(x.shape)], size)
-        count = _psum(count.astype(dtype), axis_name, axis_index_groups)
+        count = psum(count.astype(dtype), axis_name, axis_index_groups)
         weights = None
     else:
         mask = jnp.broadcast_to(jnp.asarray(mask, bool), x.shape)
         weights = mask.astype(dtype)
-        count = _psum(reduce_sum(weights, axes), axis_name, axis_index_groups)
+        count = psum(reduce_sum(weights, axes), axis_name, axis_index_groups)
     if center and axis_name is None:
         mean, m2 = _centred_moments(raw, weights, axes, count)
     else:
         if center:
             xw = x if weights is None else x * weights
-            total = _psum(reduce_sum(xw, axes), axis_name, axis_index_groups)
-            mean = _safe_div(total, count)
+            total = psum(reduce_sum(xw, axes), axis_name, axis_index_groups)
+            mean = safe_div(total, count)
             deviation = x - mean
         else:
             mean = jnp.zeros_like(count)
             deviation = x
-        m2 = _psum(_square_sum(deviation, weights, axes), axis_name, axis_index_groups)
+        m2 = psum(_square_sum(deviation, weights, axes), axis_name, axis_index_groups)
     out = Moments(jnp.broadcast_to(count, mean.shape), mean, m2)
     if not keepdims:
         out = Moments(*(jnp.squeeze(s, axes) for s in out))
@@ -210,7 +243,7 @@ def _centred_moments(
         xw = x.astype(dtype) * weights
         total = reduce_sum(xw, axes)
         square_sum = reduce_sum(xw * xw, axes)  # w in {0, 1}: no overflow at padding
-    mean = _safe_div(total, count)
+    mean = safe_div(total, count)
     m2_fast = square_sum - total * mean
 
     def exact() -> Array:
@@ -223,14 +256,19 @@ def _centred_moments(
 
 def variance(m: Moments, *, ddof: int = 0) -> Array:
     """``m2 / (count - ddof)``, clamped at 0; 0 where ``count <= ddof``."""
-    return jnp.maximum(_safe_div(m.m2, m.count - ddof), 0.0)
+    return jnp.maximum(safe_div(m.m2, m.count - ddof), 0.0)
+
+
+def mean_var(m: Moments, *, ddof: int = 0) -> MeanVar:
+    """The mean and (biased unless ``ddof``) variance of moments."""
+    return MeanVar(m.mean, variance(m, ddof=ddof))
 
 
 def merge(a: Moments, b: Moments) -> Moments:
     """Moments of the union of two disjoint sets (Chan et al.'s pairwise formula)."""
     count = a.count + b.count
     delta = b.mean - a.mean
-    fraction_b = _safe_div(b.count, count)
+    fraction_b = safe_div(b.count, count)
     mean = a.mean + delta * fraction_b
     m2 = a.m2 + b.m2 + jnp.square(delta) * a.count * fraction_b
     return Moments(count, mean, m2)
@@ -240,7 +278,7 @@ def merge_over(m: Moments, axis: Axes, *, keepdims: bool = False) -> Moments:
     """Merges slots along ``axis`` (ghost groups into a batch, batches into a
     population) — exact, in one parallel step rather than a chain of merges."""
     count = jnp.sum(m.count, axis, keepdims=True)
-    mean = _safe_div(jnp.sum(m.count * m.mean, axis, keepdims=True), count)
+    mean = safe_div(jnp.sum(m.count * m.mean, axis, keepdims=True), count)
     m2 = jnp.sum(m.m2 + m.count * jnp.square(m.mean - mean), axis, keepdims=True)
     out = Moments(count, mean, m2)
     if not keepdims:
@@ -262,10 +300,14 @@ def prefix_merge(m: Moments, axis: int) -> Moments:
     return Moments(count, mean, m2)
 
 
-def ema(running: Array, value: Array, momentum: float) -> Array:
+def ema(
+    running: Array, value: Array, momentum: float, *, valid: Array | None = None
+) -> Array:
     """Running-average update in Flax's convention: ``momentum`` of the old value
-    is kept (``momentum=0.99`` keeps 99 %)."""
-    return momentum * running + (1.0 - momentum) * value.astype(running.dtype)
+    is kept (``momentum=0.99`` keeps 99 %). Where ``valid`` is False (a slot
+    without any valid element in the batch) the old value is kept."""
+    new = momentum * running + (1.0 - momentum) * value.astype(running.dtype)
+    return new if valid is None else jnp.where(valid, new, running)
 
 
 def from_pytorch_momentum(momentum: float) -> float:
