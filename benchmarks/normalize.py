@@ -40,8 +40,10 @@ def _one_pass(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
 
 def _cores(axes: tuple[int, ...]) -> dict[str, Callable[[jax.Array], jax.Array]]:
     return {
-        "fused": lambda x: F.normalize(x, axes, epsilon=EPS)[0],
-        "autodiff": lambda x: F.standardize(x, stats.moments(x, axes), EPS),
+        "fused": lambda x: F.normalize(x, axes, epsilon=EPS).y,
+        "autodiff": lambda x: F.standardize(
+            x, stats.mean_var(stats.moments(x, axes)), EPS
+        ),
         "one-pass": lambda x: _one_pass(x, axes),
     }
 

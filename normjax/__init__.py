@@ -1,6 +1,6 @@
 """normjax: normalization layers with explicit statistics for JAX/Flax."""
 
-from normjax import calibrate, functional, nn, power, stats
+from normjax import calibrate, functional, nn, stats
 from normjax.registry import make_norm, names
 
 __all__ = [
@@ -9,7 +9,6 @@ __all__ = [
     "make_norm",
     "names",
     "nn",
-    "power",
     "stats",
 ]
 __version__ = "0.1.0"

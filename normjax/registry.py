@@ -8,84 +8,117 @@ Models know norms only by these names; every module returned is called as
 from __future__ import annotations
 
 import dataclasses
+import enum
 from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
 
 from normjax import nn as norms
+from normjax.functional.causal import CAUSAL_MODES, Causal, parse_causal
+
+
+class Statistics(str, enum.Enum):
+    """Where a registered norm's statistics come from (its value reads as text)."""
+
+    BATCH = "batch"  # the batch's, with running averages for evaluation
+    RUNNING = "running"  # running averages, in training too
+    PER_SAMPLE = "per sample"  # the sample's own
+    PER_SAMPLE_PRIOR = "per sample + population"  # the sample's, plus a prior
+    NONE = "none"  # no statistics
+    CUSTOM = "custom"  # a norm registered without saying
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def per_sample(self) -> bool:
+        """Outputs never depend on other samples and nothing running is read."""
+        return self in (Statistics.PER_SAMPLE, Statistics.NONE)
 
 
 @dataclasses.dataclass(frozen=True)
 class Entry:
-    """A registered norm: its module, default overrides and a one-line summary."""
+    """A registered norm: its module, default overrides, where its statistics
+    come from and a one-line summary."""
 
     module: Callable[..., nn.Module]
     defaults: dict[str, Any]
-    statistics: str
+    statistics: Statistics
     summary: str
 
 
 _REGISTRY: dict[str, Entry] = {
     "batch": Entry(
-        norms.BatchNorm, {}, "batch", "per channel over the batch (and space/time)"
+        norms.BatchNorm,
+        {},
+        Statistics.BATCH,
+        "per channel over the batch (and space/time)",
     ),
     "batch_renorm": Entry(
         norms.BatchRenorm,
         {},
-        "batch",
+        Statistics.BATCH,
         "batch norm corrected towards the running statistics (Ioffe 2017)",
     ),
     "ghost_batch": Entry(
         norms.BatchNorm,
         {"ghost_batch_size": 32},
-        "batch",
+        Statistics.BATCH,
         "batch norm over virtual batches of 32 (Hoffer et al. 2017)",
     ),
     "frozen_batch": Entry(
         norms.BatchNorm,
         {"frozen": True},
-        "running",
+        Statistics.RUNNING,
         "batch norm with fixed running statistics (never updated)",
     ),
     "bln": Entry(
         norms.BatchLayerNorm,
         {},
-        "batch",
+        Statistics.BATCH,
         "(1/B) layer-normalized + (1 - 1/B) batch-normalized (Ziaee & Cano 2022)",
     ),
     "power": Entry(
         norms.PowerNorm,
         {},
-        "running",
+        Statistics.RUNNING,
         "quadratic mean, no centring, approximate backward (Shen et al. 2020)",
     ),
     "prior": Entry(
         norms.PriorNorm,
         {"num_groups": 8},
-        "per sample + population",
+        Statistics.PER_SAMPLE_PRIOR,
         "group norm plus the sample's learned offset from population statistics",
     ),
-    "layer": Entry(norms.LayerNorm, {}, "per sample", "over the features"),
-    "rms": Entry(norms.RMSNorm, {}, "per sample", "root mean square over the features"),
+    "layer": Entry(norms.LayerNorm, {}, Statistics.PER_SAMPLE, "over the features"),
+    "rms": Entry(
+        norms.RMSNorm,
+        {},
+        Statistics.PER_SAMPLE,
+        "root mean square over the features",
+    ),
     # 8 groups divide every width of the CIFAR ResNets (16/32/64 channels); Wu &
     # He's 32 (and EvoNorm's) would not fit the first stage.
     "group": Entry(
         norms.GroupNorm,
         {"num_groups": 8},
-        "per sample",
+        Statistics.PER_SAMPLE,
         "over space and a group of channels",
     ),
     "instance": Entry(
-        norms.InstanceNorm, {}, "per sample", "per channel over space/time"
+        norms.InstanceNorm,
+        {},
+        Statistics.PER_SAMPLE,
+        "per channel over space/time",
     ),
     "evonorm_s0": Entry(
         norms.EvoNormS0,
         {"num_groups": 8},
-        "per sample",
+        Statistics.PER_SAMPLE,
         "x * sigmoid(v x) / group std (Liu et al. 2020)",
     ),
-    "none": Entry(norms.Identity, {}, "none", "identity"),
+    "none": Entry(norms.Identity, {}, Statistics.NONE, "identity"),
 }
 
 
@@ -94,15 +127,16 @@ def register(
     module: Callable[..., nn.Module],
     *,
     defaults: dict[str, Any] | None = None,
-    statistics: str = "custom",
+    statistics: Statistics | str = Statistics.CUSTOM,
     summary: str = "",
     replace: bool = False,
 ) -> None:
     """Adds a norm under ``name`` so that every model and flag can use it.
 
     ``module(**defaults, **overrides)`` must build a Flax module called as
-    ``norm(x, use_running_average=..., mask=...)``; a module that accepts
-    ``causal=`` is given it in sequence models. An existing name is an error
+    ``norm(x, use_running_average=..., mask=...)``; a module that declares
+    ``causal`` (and ``supported_causal``, the modes it supports) is given it in
+    sequence models. An existing name is an error
     unless ``replace=True``.
 
     Example: ``register('my_norm', MyNorm, defaults={'num_groups': 4})``, then
@@ -116,7 +150,9 @@ def register(
         )
     if not callable(module):
         raise TypeError(f"register({name!r}): module must be callable, got {module!r}.")
-    _REGISTRY[name] = Entry(module, dict(defaults or {}), statistics, summary)
+    _REGISTRY[name] = Entry(
+        module, dict(defaults or {}), Statistics(statistics), summary
+    )
 
 
 def unregister(name: str) -> None:
@@ -139,27 +175,35 @@ def entry(name: str) -> Entry:
     return _REGISTRY[name]
 
 
-def make_norm(name: str, *, causal: bool | str = False, **overrides: Any) -> nn.Module:
-    """A Flax module for the norm ``name``, its defaults updated by ``overrides``.
+def make_norm(norm: str, /, *, causal: Causal = False, **overrides: Any) -> nn.Module:
+    """A Flax module for the norm named ``norm``, its defaults updated by
+    ``overrides`` (which may include Flax's ``name``).
 
-    ``causal=True`` makes it safe in a causal sequence model x_BxLxD: no output at
-    position t depends on inputs after t, in training or evaluation (batch
-    statistics become cumulative over (batch, positions <= t); a batch norm may
-    instead take causal='per_position' or 'running').
+    ``causal`` ('cumulative' or True, 'per_position', 'running'; see
+    :mod:`normjax.functional.causal`) makes it safe in a causal sequence model
+    x_BxLxD: no output at position t depends on inputs after t, in training or
+    evaluation. A mode the norm does not support is refused here, naming the ones
+    it does.
 
     Example: ``make_norm('group', num_groups=4)(x)``,
     ``make_norm('batch', momentum=0.9)(x, use_running_average=not train)``.
     """
-    spec = entry(name)
+    spec = entry(norm)
     kwargs = {**spec.defaults, **overrides}
-    if causal:
-        kwargs["causal"] = causal
+    fields = getattr(spec.module, "__dataclass_fields__", {})
+    # A module without a ``causal`` field supports no causal mode; one that has
+    # it without declaring ``supported_causal`` is trusted with every mode.
+    supported = CAUSAL_MODES if "causal" in fields else ()
+    supported = getattr(spec.module, "supported_causal", supported)
+    mode = parse_causal(causal, supported=supported, name=f"norm {norm!r}")
+    if mode is not None:
+        kwargs["causal"] = mode
     try:
         return spec.module(**kwargs)
     except TypeError as error:
-        fields = [f.name for f in dataclasses.fields(spec.module) if f.init]
-        fields = [f for f in fields if f not in ("parent", "name")]
+        accepted = [f.name for f in dataclasses.fields(spec.module) if f.init]
+        accepted = [f for f in accepted if f not in ("parent", "name")]
         raise TypeError(
-            f"make_norm({name!r}): {error}. {spec.module.__name__} accepts: "
-            f"{', '.join(fields) or 'no options'}."
+            f"make_norm({norm!r}): {error}. {spec.module.__name__} accepts: "
+            f"{', '.join(accepted) or 'no options'}."
         ) from None

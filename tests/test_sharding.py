@@ -49,7 +49,7 @@ _SCRIPT = textwrap.dedent(
 
     def bn(x, mask=None, **kw):
         def f(x, params):
-            y, new = F.batch_norm(x, params, stats, train=True, mask=mask, **kw)
+            y, new, _ = F.batch_norm(x, params, stats, train=True, mask=mask, **kw)
             return y, new
         (y, new), vjp = jax.vjp(f, x, params)
         return y, new, vjp((jnp.asarray(dy), jax.tree.map(jnp.zeros_like, new)))
@@ -69,7 +69,7 @@ _SCRIPT = textwrap.dedent(
     # 2. The same through shard_map with axis_name: explicit collectives, each
     #    device holding its 4 samples; unequal valid counts pooled exactly.
     def local(x, mask):
-        y, new = F.batch_norm(x, params, stats, train=True, mask=mask,
+        y, new, _ = F.batch_norm(x, params, stats, train=True, mask=mask,
                               axis_name="data")
         return y, new
     sm = jax.shard_map(local, mesh=mesh, in_specs=(P("data"), P("data")),
@@ -81,7 +81,7 @@ _SCRIPT = textwrap.dedent(
     def loss(x, params, mask):
         f = jax.shard_map(
             lambda x, p, m: F.batch_norm(x, p, stats, train=True, mask=m,
-                                         axis_name="data")[0],
+                                         axis_name="data").y,
             mesh=mesh, in_specs=(P("data"), P(), P("data")), out_specs=P("data"))
         return jnp.sum(f(x, params, mask) * dy)
     grads = jax.jit(jax.grad(loss, argnums=(0, 1)))(xs, params, ms)
@@ -90,7 +90,7 @@ _SCRIPT = textwrap.dedent(
     # 3. Per-device statistics: shard_map without axis_name normalizes each
     #    device's samples alone = one device on each shard in turn.
     def alone(x):
-        return F.batch_norm(x, params, stats, train=True)[0]
+        return F.batch_norm(x, params, stats, train=True).y
     per_device = jax.jit(jax.shard_map(alone, mesh=mesh, in_specs=P("data"),
                                        out_specs=P("data")))(xs)
     with jax.default_device(one):
@@ -100,7 +100,7 @@ _SCRIPT = textwrap.dedent(
     # 4. Ghost batches of one device's size under jit + sharding: the same
     #    numbers as ghost batches on one device, and as per-device statistics.
     def ghost(x):
-        return F.batch_norm(x, params, stats, train=True, ghost_batch_size=4)[0]
+        return F.batch_norm(x, params, stats, train=True, ghost_batch_size=4).y
     with jax.default_device(one):
         ghost_one = ghost(jnp.asarray(x))
     ghost_sharded = jax.jit(ghost)(xs)
@@ -176,7 +176,7 @@ _HOSTS_SCRIPT = textwrap.dedent(
     x = rng.normal(size=(8, 3, 3, 4)) * [1, 10, 3, 0.1] + [0, 5, -2, 40]
     xs = loop.shard_batch({"x": x.astype(np.float32)}, mesh)["x"]
     stats = {"mean": jnp.zeros(4), "var": jnp.ones(4)}
-    y, new = jax.jit(lambda x: F.batch_norm(x, None, stats, train=True,
+    y, new, _ = jax.jit(lambda x: F.batch_norm(x, None, stats, train=True,
                                             momentum=0.0))(xs)
     local = [np.asarray(s.data).tolist() for s in y.addressable_shards]
     rows = [s.index[0].start for s in y.addressable_shards]

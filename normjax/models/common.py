@@ -6,8 +6,10 @@ from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
+import jax
 
 from normjax import registry
+from normjax.functional.causal import Causal
 
 
 def norm_layer(
@@ -16,7 +18,7 @@ def norm_layer(
     *,
     name: str,
     zero_scale: bool = False,
-    causal: bool | str = False,
+    causal: Causal = False,
 ) -> nn.Module:
     """``make_norm(norm, causal=causal, **norm_kwargs)`` as a submodule called
     ``name``; ``zero_scale`` starts its scale at 0 when the norm has one (when its
@@ -25,7 +27,16 @@ def norm_layer(
     fields = getattr(registry.entry(norm).module, "__dataclass_fields__", {})
     if zero_scale and "scale_init" in fields:
         kwargs["scale_init"] = nn.initializers.zeros
-    # Built unbound (make_norm's own first argument is ``name``), then named.
-    return registry.make_norm(norm, causal=causal, parent=None, **kwargs).copy(
-        name=name
-    )
+    return registry.make_norm(norm, causal=causal, name=name, **kwargs)
+
+
+def image_mask(mask: jax.Array | None, images_NxHxWxC: jax.Array) -> jax.Array | None:
+    """A per-image mask (N,) as (N, 1, 1, 1) for the norms; None stays None."""
+    if mask is None:
+        return None
+    if mask.shape != images_NxHxWxC.shape[:1]:
+        raise ValueError(
+            f"mask must have shape (batch,) = {images_NxHxWxC.shape[:1]}, got "
+            f"{mask.shape}."
+        )
+    return mask.astype(bool)[:, None, None, None]

@@ -3,8 +3,9 @@
 Pre-norm blocks (Radford et al. 2019; nanoGPT's layout): ``x + attn(norm1(x))``,
 ``x + mlp(norm2(x))``, then a final norm and the language-model head (tied to the
 token embedding by default). Every norm is ``normjax.make_norm(norm,
-causal=causal, **norm_kwargs)``: in the default ``causal=True`` a batch-statistics
-norm pools over (batch, positions <= t) — cumulative statistics — so that no
+causal=causal, **norm_kwargs)``: in the default ``causal='cumulative'`` a
+batch-statistics norm pools over (batch, positions <= t) — cumulative statistics —
+so that no
 logit at position t depends on a token after t, in training as in evaluation;
 ``causal='per_position'`` or ``'running'`` pick the other causal modes of
 :func:`normjax.functional.batch_moments`, and ``causal=False`` pools over the whole
@@ -31,6 +32,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from normjax.functional.causal import Causal
 from normjax.models.common import norm_layer
 
 Array = jax.Array
@@ -82,7 +84,7 @@ class Block(nn.Module):
     dropout_rate: float = 0.0
     norm: str = "layer"
     norm_kwargs: Mapping[str, Any] | None = None
-    causal: bool | str = True
+    causal: Causal = "cumulative"
     out_std: float = _INIT_STD
 
     @nn.compact
@@ -115,8 +117,9 @@ class Transformer(nn.Module):
         (``d_model`` divisible by ``num_heads``; sequences up to ``max_len``).
       norm, norm_kwargs: the registry name of every norm (two per block and the
         final one) and overrides for it.
-      causal: the norms' causal mode (True = cumulative batch statistics; see the
-        module docstring). Per-sample norms are causal anyway.
+      causal: the norms' causal mode ('cumulative' batch statistics by default;
+        see the module docstring). Per-token norms (layer, RMS) are causal in
+        'cumulative' mode as they are; a mode a norm does not support is refused.
       mlp_ratio, dropout_rate, tie_embeddings: as in GPT-2 / nanoGPT.
     """
 
@@ -127,7 +130,7 @@ class Transformer(nn.Module):
     max_len: int
     norm: str = "layer"
     norm_kwargs: Mapping[str, Any] | None = None
-    causal: bool | str = True
+    causal: Causal = "cumulative"
     mlp_ratio: int = 4
     dropout_rate: float = 0.0
     tie_embeddings: bool = True

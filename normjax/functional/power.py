@@ -1,79 +1,34 @@
-"""PowerNorm (Shen et al. 2020, arXiv:2003.07845) as pure functions. No Flax import.
+"""PowerNorm (Shen et al. 2020, arXiv:2003.07845). No Flax import.
 
-PowerNorm is batch norm for transformers with three changes:
+Batch norm for transformers with no centring: each feature is divided by its
+quadratic mean psi (psi^2 = mean(x^2) over every other axis). Algorithm 2 of the
+paper, per feature, alpha the momentum (Flax's convention), means over valid
+elements::
 
-  1. relaxed zero-mean: no centring; each feature channel is scaled by its
-     quadratic mean psi, psi_B^2 = mean(x^2) over every other axis;
-  2. the forward pass in training divides by the *running* psi_{t-1}, not the
-     batch's, so one odd batch cannot jerk the activations;
-  3. an approximate backward pass (Algorithm 2) that replaces the batch term of
-     the exact gradient by a running estimate nu, one per channel.
-
-Algorithm 2 (Every Iteration), per channel, with alpha the momentum (Flax's
-convention: the fraction of the old value kept) and statistics over the valid
-(unmasked) elements::
-
-    forward   x_hat = x / psi_{t-1}          psi_{t-1} = sqrt(psi2_{t-1} + eps)
+    forward   x_hat = x / psi_{t-1},  psi_{t-1} = sqrt(psi2_{t-1} + eps)
               y = gamma * x_hat + beta
               psi2_t = alpha * psi2_{t-1} + (1 - alpha) * mean(x^2)
-    backward  g = gamma * dL/dy                                (= dL/dx_hat)
-              Gamma = mean(x_hat^2)      Lambda = mean(g * x_hat)
+    backward  g = gamma * dL/dy,  Gamma = mean(x_hat^2),  Lambda = mean(g * x_hat)
               dL/dx = (g - nu_{t-1} * x_hat) / psi_{t-1}
               nu_t  = nu_{t-1} * (1 - (1 - alpha) Gamma) + (1 - alpha) Lambda
     eval      y = gamma * x / psi + beta
 
-The gradients of gamma and beta are the ordinary ones (sum of dL/dy * x_hat and
-of dL/dy). The authors' code (sIncerass/powernorm,
-fairseq/modules/norms/mask_powernorm.py) keeps ``ema_gz`` = nu / (1 - alpha)
-and writes the same update as ``ema_gz += mean((g - (1 - alpha) ema_gz x_hat)
-x_hat)``; the two are equal.
+nu_t is known only in the backward pass, so the custom VJP takes nu as an input
+and returns as its cotangent the increment ``nu_t - nu_{t-1}``: differentiate the
+loss w.r.t. nu too (the Flax module routes it through ``Module.perturb``) and add
+the result with :func:`apply_nu_updates`. An increment, because cotangents add
+(a layer applied twice, gradients averaged over devices). With ``axis_name``
+every device returns the same increment: pmean it, do not sum it.
 
-**nu through a side channel.** nu_t is known only in the backward pass and JAX
-functions do not mutate state. The custom VJP therefore takes nu as an input and
-returns, as nu's cotangent, the *increment* ``nu_t - nu_{t-1} = (1 - alpha)
-(Lambda - nu_{t-1} Gamma)``. Differentiate the loss w.r.t. nu (the Flax module
-routes it through ``Module.perturb``) and add the result to the stored nu
-(:func:`apply_nu_updates`). An increment rather than the new value because
-cotangents add: a layer applied twice in one step, or gradients pmean-ed over
-devices, then give a sensible update instead of a multiple of nu. Note that the
-increment is affine, not linear, in dL/dy (the ``-nu Gamma`` term does not scale
-with the loss). Without that extra gradient the forward and the x, gamma, beta
-gradients are unchanged and nu simply stays at its value. With ``axis_name``,
-Gamma and Lambda are pooled over the devices, so every device returns the same
-increment: average (pmean) it like the other gradients, do not sum it.
-
-Departures from the paper and the authors' code, each deliberate:
-
-* the backward divides by the running psi_{t-1} as Algorithm 2 says; the
-  authors' code divides by the *batch* sqrt(psi_B^2 + eps) after warm-up;
-* Gamma and Lambda are means over valid elements only (the code averages over
-  padded positions too); padded elements get dL/dx = g / psi (no nu term, as
-  they do not enter the statistics);
-* warm-up (the code's ``warmup_iters``; not in the paper): the first
-  ``warmup_steps`` training steps divide by the batch psi_B (falling back to the
-  running psi where a slot has no valid element). By default the gradient is
-  the exact autodiff gradient of that forward (``warmup_gradient='exact'``);
-  the code instead uses the approximate backward with psi_B held constant
-  (``warmup_gradient='approximate'``). nu is updated in both cases so it is warm
-  at the switch. During warm-up the running psi2 is the plain mean of the
-  warm-up batches' psi_B^2 (the code's cumulative average, without the EMA it
-  stacks on top of it), which removes the bias of the initial value 1;
-* the code's ``GroupScaling1D`` (each token divided by its RMS over channels
-  before PowerNorm) is not part of Algorithm 2 and is left out; compose with
-  ``functional.rms_norm(x)`` if wanted;
-* ``nu_momentum`` may differ from ``momentum`` (the code's ``alpha_bkw`` /
-  ``alpha_fwd``); by default they are equal, as in Algorithm 2.
-
-``variant='pn-v'`` is the paper's PN-V: the batch quadratic mean in the forward,
-the exact gradient, no nu.
-
-Causal modes (sequences (B, L, D), ``functional.CAUSAL_MODES``): only a batch
-psi_B used in the forward (warm-up, PN-V) can leak later tokens into earlier
-positions. ``causal=True`` / ``'cumulative'`` makes it cumulative over (batch,
-positions <= t); ``'per_position'`` takes it per position across the batch;
-``'running'`` never uses it (the running psi always, PN-V included). The
-running-psi forward is causal by construction; the running-psi2 and nu updates use
-the whole batch (they only affect later steps).
+Departures from the authors' code (sIncerass/powernorm): the backward divides by
+the running psi_{t-1}, as Algorithm 2 says (the code: the batch psi after
+warm-up); Gamma and Lambda count valid elements only; during ``warmup_steps`` the
+forward divides by the batch psi, with the exact gradient by default
+(``warmup_gradient='approximate'``: the code's), and psi2 is the plain mean of
+the warm-up batches'; the code's ``GroupScaling1D`` is left out (compose with
+``rms_norm``). ``variant='pn-v'`` is the paper's PN-V: the batch psi forward, the
+exact gradient, no nu. Causal modes only matter where a batch psi enters the
+forward (warm-up, PN-V); ``'running'`` never uses one.
 """
 
 from __future__ import annotations
@@ -85,18 +40,19 @@ import jax
 import jax.numpy as jnp
 
 from normjax import stats
-from normjax.functional import (
+from normjax.functional.batch import batch_moments
+from normjax.functional.causal import Causal, parse_causal
+from normjax.functional.core import (
+    Normalized,
+    Params,
     affine,
-    batch_moments,
     broadcast_mask,
-    causal_mode,
     feature_layout,
     standardize,
 )
-from normjax.stats import Axes, Moments
+from normjax.stats import Axes, MeanVar
 
 Array = jax.Array
-Params = Mapping[str, Array]
 State = Mapping[str, Array]
 
 VARIANTS = ("pn", "pn-v")
@@ -142,16 +98,19 @@ def _power_scale_fn(
             axis_index_groups=axis_index_groups,
         )
         gamma_stat = stats.variance(m)
-        weighted = g_xhat * x_hat if mask is None else g_xhat * x_hat * mask
-        lambda_sum = jnp.sum(weighted, reduction_axes, keepdims=True)
-        if axis_name is not None:
-            lambda_sum = jax.lax.psum(
-                lambda_sum, axis_name, axis_index_groups=axis_index_groups
-            )
-        lambda_stat = jnp.where(m.count > 0, lambda_sum / jnp.maximum(m.count, 1), 0)
+        lambda_sum = stats.masked_sum(
+            g_xhat * x_hat,
+            reduction_axes,
+            mask=mask,
+            axis_name=axis_name,
+            axis_index_groups=axis_index_groups,
+        )
+        lambda_stat = stats.safe_div(lambda_sum, m.count)
         nu_increment = (1.0 - nu_momentum) * (lambda_stat - nu * gamma_stat)
 
-        correction = nu * x_hat if mask is None else nu * x_hat * mask
+        correction = nu * x_hat
+        if mask is not None:
+            correction = jnp.where(mask, correction, 0.0)
         dx = (g_xhat - (1.0 - exact) * correction) * inv_psi
         if may_be_exact:
             summed = tuple(
@@ -266,20 +225,20 @@ def power_norm(
     mask: Array | None = None,
     axis_name: Any = None,
     axis_index_groups: Any = None,
-    causal: bool | str = False,
+    causal: Causal = False,
     time_axis: int = 1,
     dtype: Any = None,
-) -> tuple[Array, State | None]:
+) -> Normalized:
     """PowerNorm: per-channel quadratic mean over every axis but ``axis``.
 
     x_BxLxD -> psi2_D; y = x / sqrt(psi2 + eps) * scale_D + bias_D, with psi2 the
     running value ``state['psi2']`` (eval, and training after warm-up), or the
     batch's mean(x^2) (warm-up, PN-V; cumulative over positions <= t along
-    ``time_axis`` when ``causal`` is True). Training returns the new state: psi2 the
-    running average ``momentum * old + (1 - momentum) * batch`` (the warm-up
-    batches' mean during warm-up; unchanged where no element is valid), steps
-    + 1, nu unchanged — its update arrives as the cotangent of ``state['nu']``
-    (see the module docstring and :func:`apply_nu_updates`).
+    ``time_axis`` when ``causal`` is 'cumulative'). Training returns the new
+    state: psi2 the running average ``momentum * old + (1 - momentum) * batch``
+    (the warm-up batches' mean during warm-up; unchanged where no element is
+    valid), steps + 1, nu unchanged — its update arrives as the cotangent of
+    ``state['nu']`` (see the module docstring and :func:`apply_nu_updates`).
 
     Args:
       params: optional ``'scale'`` / ``'bias'`` of the feature shape.
@@ -294,11 +253,12 @@ def power_norm(
       mask: boolean, broadcastable to ``x``; False elements count 0 everywhere
         (psi, Gamma, Lambda).
       axis_name: pool statistics (and Gamma, Lambda) over this mapped axis.
-      causal, time_axis: False, True (= 'cumulative'), 'per_position' or
+      causal, time_axis: False, 'cumulative' (or True), 'per_position' or
         'running' (see the module docstring); ``time_axis`` is the sequence axis.
 
     Returns:
-      ``(y, new_state)``; y has ``x``'s dtype unless ``dtype`` is given.
+      ``Normalized(y, new_state, {})``; y has ``x``'s dtype unless ``dtype`` is
+      given.
     """
     name = "power_norm"
     nu_momentum = momentum if nu_momentum is None else nu_momentum
@@ -317,7 +277,7 @@ def power_norm(
             f"{name}: axis={axis!r} covers every axis of an input of shape "
             f"{x.shape}; nothing is left to reduce over."
         )
-    mode = causal_mode(causal)
+    mode = parse_causal(causal, name=name)
     time = None
     if mode is not None:
         time = stats.canonicalize_axes(x.ndim, time_axis, name=f"{name} time_axis")[0]
@@ -337,17 +297,17 @@ def power_norm(
     stat_dtype = stats.stat_dtype(x.dtype)
     out_dtype = x.dtype if dtype is None else dtype
 
-    running = None  # the running psi2 as uncentred moments
+    running = None  # the running psi2: a mean square, divided by uncentred
     if state is not None:
-        running = Moments(
-            jnp.ones(broadcast, stat_dtype),
+        running = MeanVar(
             jnp.zeros(broadcast, stat_dtype),
             state["psi2"].astype(stat_dtype).reshape(broadcast),
         )
 
     if not train:
+        assert running is not None
         y = affine(standardize(x, running, epsilon), params, feature_axes, name=name)
-        return y.astype(out_dtype), state
+        return Normalized(y.astype(out_dtype), state, {})
 
     mask = broadcast_mask(mask, x)
     batch_forward = mode != "running" and (variant == "pn-v" or warmup_steps > 0)
@@ -358,7 +318,7 @@ def power_norm(
         center=False,
         axis_name=axis_name,
         axis_index_groups=axis_index_groups,
-        causal=mode if batch_forward else None,
+        causal=mode or False if batch_forward else False,
         time_axis=time_axis,
     )
     batch = b.moments
@@ -366,17 +326,20 @@ def power_norm(
     valid = b.pooled.count > 0
 
     if variant == "pn-v":
+        divisor = stats.mean_var(batch)
         if not batch_forward:  # causal='running'
-            batch = running
-        y = affine(standardize(x, batch, epsilon), params, feature_axes, name=name)
+            assert running is not None
+            divisor = running
+        y = affine(standardize(x, divisor, epsilon), params, feature_axes, name=name)
         if state is None:
-            return y.astype(out_dtype), None
+            return Normalized(y.astype(out_dtype), None, {})
         psi2 = state["psi2"]
-        new_psi2 = jnp.where(
-            valid, stats.ema(psi2.astype(stat_dtype), batch_psi2, momentum), psi2
-        )
-        return y.astype(out_dtype), {**state, "psi2": new_psi2.astype(psi2.dtype)}
+        new_psi2 = stats.ema(
+            psi2.astype(stat_dtype), batch_psi2, momentum, valid=valid
+        ).astype(psi2.dtype)
+        return Normalized(y.astype(out_dtype), {**state, "psi2": new_psi2}, {})
 
+    assert state is not None
     psi2, nu, steps = state["psi2"], state["nu"], jnp.asarray(state["steps"])
     running_psi2 = jax.lax.stop_gradient(psi2).astype(stat_dtype)
     inv_psi = jax.lax.rsqrt(running_psi2 + epsilon).reshape(broadcast)
@@ -411,7 +374,7 @@ def power_norm(
         "psi2": jnp.where(valid, new_running, running_psi2).astype(psi2.dtype),
         "steps": steps + 1,
     }
-    return y.astype(out_dtype), new_state
+    return Normalized(y.astype(out_dtype), new_state, {})
 
 
 # ------------------------------------------------------------------- nu side channel

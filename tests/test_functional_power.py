@@ -9,7 +9,8 @@ import jax.test_util
 import numpy as np
 import pytest
 
-from normjax import nn, power
+from normjax import nn
+from normjax.functional import power
 
 EPS = 1e-5
 
@@ -74,7 +75,11 @@ def random_setup(seed, shape=(3, 5, 4), dtype=np.float32):
 
 @functools.cache
 def _norm_fn(**static):
-    return jax.jit(lambda x, p, s, m: power.power_norm(x, p, s, mask=m, **static))
+    def run(x, p, s, m):
+        out = power.power_norm(x, p, s, mask=m, **static)
+        return out.y, out.batch_stats
+
+    return jax.jit(run)
 
 
 def norm(x, params, state, *, mask=None, **static):
@@ -88,7 +93,8 @@ def vjp_eager(x, params, state, dy, mask=None, **static):
 
     def f(x, params, nu):
         new = {**state, "nu": nu}
-        return power.power_norm(x, params, new, train=True, mask=mask, **static)
+        out = power.power_norm(x, params, new, train=True, mask=mask, **static)
+        return out.y, out.batch_stats
 
     (y, new_state), pullback = jax.vjp(f, x, params, state["nu"])
     dx, dparams, dnu = pullback((dy, jax.tree.map(jnp.zeros_like, new_state)))
@@ -110,7 +116,7 @@ def vjp_all(x, params, state, dy, *, mask=None, **static):
 
 def test_eval_forward_uses_running_psi2_and_keeps_state():
     _, (x, params, state, _), _ = random_setup(0)
-    y, new_state = power.power_norm(x, params, state, train=False)
+    y, new_state, _ = power.power_norm(x, params, state, train=False)
     want = ref_forward(x, params["scale"], params["bias"], state["psi2"])
     np.testing.assert_allclose(y, want, rtol=2e-5, atol=2e-5)
     assert new_state is state
@@ -173,7 +179,7 @@ def test_pn_v_gradient_matches_finite_differences_float64():
 
             @jax.jit
             def loss(x, params, mask=mask, causal=causal):
-                y, _ = power.power_norm(
+                y, _, _ = power.power_norm(
                     x,
                     params,
                     None,
@@ -219,7 +225,7 @@ def test_warmup_gradient_exact_and_approximate_float64():
 
             @jax.jit
             def loss(x, params, mask=mask, causal=causal):
-                y, _ = power.power_norm(
+                y, _, _ = power.power_norm(
                     x,
                     params,
                     state,
@@ -345,7 +351,8 @@ def _grads_fn(**static):
     def run(x, params, state, dy, mask):
         def f(x, params, floats):
             new = {**state, **floats}
-            return power.power_norm(x, params, new, train=True, mask=mask, **static)
+            out = power.power_norm(x, params, new, train=True, mask=mask, **static)
+            return out.y, out.batch_stats
 
         floats = {k: v for k, v in state.items() if k != "steps"}
         (y, new_state), pullback = jax.vjp(f, x, params, floats)

@@ -1,0 +1,312 @@
+"""Batch statistics and batch norm. No Flax import.
+
+Every norm that reads statistics of the whole batch gets them from
+:func:`batch_moments`: one place for masks, devices (``axis_name``), ghost
+batches and the causal modes for sequences (:mod:`normjax.functional.causal`).
+Running statistics are ``batch_stats`` ``{prefix}mean``/``{prefix}var``, updated
+by :func:`update_running` and read by :func:`running_mean_var`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from normjax import stats
+from normjax.functional.causal import Causal, parse_causal
+from normjax.functional.core import (
+    BatchStats,
+    Normalized,
+    Params,
+    affine,
+    broadcast_mask,
+    cast_output,
+    feature_layout,
+    normalize,
+    other_axes,
+    standardize,
+)
+from normjax.stats import Axes, MeanVar, Moments
+
+Array = jax.Array
+
+
+class BatchMoments(NamedTuple):
+    """Batch statistics ready to normalize with and to update running averages.
+
+    Attributes:
+      x: the input as normalized (ghost batches split out of the batch axis).
+      moments: statistics broadcastable against ``x``.
+      pooled: statistics of the whole batch, feature-shaped, for running averages
+        (for ghost batches: the pooled mean and the pooled within-group m2).
+      restore: maps an array shaped like ``x`` back to the input's shape.
+      normalized: with ``epsilon`` given and non-causal statistics, ``x``
+        standardized by ``moments`` and scaled and shifted by ``params`` if given
+        (through :func:`normalize`'s fused backward); else None.
+    """
+
+    x: Array
+    moments: Moments
+    pooled: Moments
+    restore: Callable[[Array], Array]
+    normalized: Array | None = None
+
+
+def batch_moments(
+    x: Array,
+    feature_axes: Axes,
+    *,
+    mask: Array | None = None,
+    center: bool = True,
+    axis_name: Any = None,
+    axis_index_groups: Any = None,
+    ghost_batch_size: int | None = None,
+    batch_axis: int = 0,
+    causal: Causal = False,
+    time_axis: int = 1,
+    epsilon: float | None = None,
+    params: Params | None = None,
+) -> BatchMoments:
+    """Per-feature statistics over every axis but ``feature_axes``.
+
+    x_NxHxWxC -> moments_1x1x1xC; with ``ghost_batch_size`` g the batch splits into
+    ceil(N / g) virtual batches (the last one padded and masked) and
+    x_(N/g)xgxHxWxC -> moments_(N/g)x1x1x1xC; with causal 'cumulative' or
+    'per_position', x_BxLxD -> moments_1xLxD. ``causal='running'`` is the
+    caller's business (it normalizes with running statistics) and is refused.
+    """
+    feature_axes = stats.canonicalize_axes(x.ndim, feature_axes, name="axis")
+    reduction_axes = other_axes(x.ndim, feature_axes)
+    feature_shape = tuple(x.shape[a] for a in feature_axes)
+    mode = parse_causal(
+        causal, supported=("cumulative", "per_position"), name="batch_moments"
+    )
+    time = None
+    if mode is not None:
+        time = stats.canonicalize_axes(x.ndim, time_axis, name="time_axis")[0]
+        if time in feature_axes:
+            raise ValueError(f"time_axis {time} is a feature axis.")
+    mask = broadcast_mask(mask, x)
+
+    def restore(y: Array) -> Array:
+        return y
+
+    group_axis = None
+    x_feature_axes = feature_axes  # the features' axes in the layout of b.x
+    if ghost_batch_size is not None:
+        batch = stats.canonicalize_axes(x.ndim, batch_axis, name="batch_axis")[0]
+        if batch in feature_axes:
+            raise ValueError(f"batch_axis {batch} is a feature axis.")
+        if axis_name is not None:
+            raise ValueError(
+                "ghost_batch_size splits each device's local batch; it cannot be "
+                "combined with axis_name. Use one or the other."
+            )
+        if ghost_batch_size <= 0:
+            raise ValueError(
+                f"ghost_batch_size must be positive, got {ghost_batch_size}."
+            )
+        n = x.shape[batch]
+        pad = -n % ghost_batch_size
+        if pad:  # the last virtual batch is short: pad it and mask the padding.
+            widths = [(0, pad if a == batch else 0) for a in range(x.ndim)]
+            valid = jnp.ones(x.shape, bool) if mask is None else mask
+            x, mask = jnp.pad(x, widths), jnp.pad(valid, widths)
+        padded = x.shape
+        x = stats.split_groups(x, batch, ghost_batch_size, name="ghost_batch_size")
+        mask = None if mask is None else mask.reshape(x.shape)
+
+        def restore(y: Array) -> Array:
+            return jax.lax.slice_in_dim(y.reshape(padded), 0, n, axis=batch)
+
+        group_axis = batch
+        reduction_axes = tuple(a + (a >= batch) for a in reduction_axes)
+        x_feature_axes = tuple(a + (a >= batch) for a in feature_axes)
+        if time is not None:
+            time = time + (time >= batch)
+
+    if mode == "per_position":
+        reduction_axes = tuple(a for a in reduction_axes if a != time)
+    normalized = None
+    if epsilon is not None and mode is None:
+        normalized, m = normalize(
+            x,
+            reduction_axes,
+            epsilon=epsilon,
+            mask=mask,
+            center=center,
+            axis_name=axis_name,
+            axis_index_groups=axis_index_groups,
+            params=params,
+            feature_axes=x_feature_axes,
+            name="batch_norm",
+        )
+    else:
+        m = stats.moments(
+            x,
+            reduction_axes,
+            mask=mask,
+            center=center,
+            axis_name=axis_name,
+            axis_index_groups=axis_index_groups,
+            cumulative_axis=time if mode == "cumulative" else None,
+        )
+    pooled = m
+    if mode == "cumulative":  # the last position has merged every position.
+        pooled = Moments(*(jax.lax.slice_in_dim(s, -1, None, axis=time) for s in m))
+    elif mode == "per_position":
+        assert time is not None
+        pooled = stats.merge_over(m, time, keepdims=True)
+    if group_axis is not None:
+        # Pooled mean, and the within-group m2 that ghost training normalized with.
+        merged = stats.merge_over(pooled, group_axis)
+        pooled = Moments(merged.count, merged.mean, jnp.sum(pooled.m2, group_axis))
+    pooled = Moments(*(s.reshape(feature_shape) for s in pooled))
+    return BatchMoments(x, m, pooled, restore, normalized)
+
+
+def check_batch_stats(
+    batch_stats: BatchStats,
+    shapes: Mapping[str, tuple[int, ...]],
+    *,
+    name: str,
+) -> None:
+    """A clear error when ``batch_stats`` lacks a key of ``shapes`` or holds
+    another shape."""
+    for key, shape in shapes.items():
+        if key not in batch_stats:
+            raise ValueError(
+                f"{name}: batch_stats needs {sorted(shapes)}, got keys "
+                f"{sorted(batch_stats)}."
+            )
+        if tuple(batch_stats[key].shape) != shape:
+            raise ValueError(
+                f"{name}: batch_stats[{key!r}] has shape "
+                f"{tuple(batch_stats[key].shape)} but the input has feature shape "
+                f"{shape}; the statistics were made for another layer or "
+                "input — re-initialize them, or check `axis`."
+            )
+
+
+def update_running(
+    batch_stats: BatchStats,
+    pooled: Moments,
+    momentum: float,
+    *,
+    unbiased: bool = False,
+    prefix: str = "",
+) -> dict[str, Array]:
+    """EMA of ``{prefix}mean`` / ``{prefix}var`` towards the batch's ``pooled``
+    moments; slots without a valid element keep their value."""
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum must lie in [0, 1], got {momentum}.")
+    valid = pooled.count > 0
+    batch = stats.mean_var(pooled, ddof=1 if unbiased else 0)
+    return {
+        prefix + key: stats.ema(batch_stats[prefix + key], value, momentum, valid=valid)
+        for key, value in (("mean", batch.mean), ("var", batch.var))
+    }
+
+
+def running_mean_var(
+    batch_stats: BatchStats, broadcast: list[int], prefix: str = ""
+) -> MeanVar:
+    """The running ``{prefix}mean``/``{prefix}var``, reshaped to ``broadcast``."""
+    return MeanVar(
+        batch_stats[prefix + "mean"].reshape(broadcast),
+        batch_stats[prefix + "var"].reshape(broadcast),
+    )
+
+
+def batch_norm(
+    x: Array,
+    params: Params | None = None,
+    batch_stats: BatchStats | None = None,
+    *,
+    train: bool,
+    axis: Axes = -1,
+    momentum: float = 0.99,
+    epsilon: float = 1e-5,
+    mask: Array | None = None,
+    axis_name: Any = None,
+    axis_index_groups: Any = None,
+    ghost_batch_size: int | None = None,
+    batch_axis: int = 0,
+    causal: Causal = False,
+    time_axis: int = 1,
+    unbiased_running_var: bool = False,
+    dtype: Any = None,
+) -> Normalized:
+    """Batch norm (Ioffe & Szegedy 2015): per-feature statistics over every axis
+    but ``axis`` (the features).
+
+    x_NxHxWxC -> mean_C, var_C. In training the statistics are the batch's (pooled
+    over ``axis_name`` devices if given, exactly even with unequal masked counts)
+    and the returned ``batch_stats`` is the running average
+    ``momentum * old + (1 - momentum) * batch``; a batch with no valid element
+    leaves it unchanged. In evaluation (``train=False``) the statistics are
+    ``batch_stats`` and it is returned as is.
+
+    Args:
+      ghost_batch_size: training only. Normalize each virtual batch of this many
+        samples along ``batch_axis`` by its own statistics (Hoffer et al. 2017);
+        a last, shorter virtual batch is allowed. The running mean/var follow the
+        pooled mean and the pooled within-group variance (as TensorFlow's
+        ``virtual_batch_size``), matching what training normalized with.
+      causal: for sequences x_BxLxD: False, 'cumulative' (or True),
+        'per_position' or 'running' (:mod:`normjax.functional.causal`).
+      unbiased_running_var: update the running variance with the Bessel-corrected
+        batch variance (n / (n - 1)), as PyTorch does; for porting.
+
+    Returns:
+      ``Normalized(y, batch_stats, moments)``; ``batch_stats`` is None when none
+      were given (training without running statistics).
+    """
+    name = "batch_norm"
+    feature_axes, feature_shape, broadcast = feature_layout(x, axis, name)
+    if batch_stats is not None:
+        check_batch_stats(
+            batch_stats, {"mean": feature_shape, "var": feature_shape}, name=name
+        )
+    mode = parse_causal(causal, name=name)
+    if not train or mode == "running":
+        if batch_stats is None:
+            raise ValueError(
+                f"{name}: normalizing with running statistics (train=False or "
+                "causal='running'), but batch_stats is None; pass the layer's "
+                "batch_stats."
+            )
+        running = running_mean_var(batch_stats, broadcast)
+        y = affine(standardize(x, running, epsilon), params, feature_axes, name=name)
+        y = cast_output(y, x, dtype)
+        if not train:
+            return Normalized(y, batch_stats, {})
+    b = batch_moments(
+        x,
+        feature_axes,
+        mask=mask,
+        axis_name=axis_name,
+        axis_index_groups=axis_index_groups,
+        ghost_batch_size=ghost_batch_size,
+        batch_axis=batch_axis,
+        causal="per_position" if mode == "running" else mode or False,
+        time_axis=time_axis,
+        epsilon=epsilon,
+        params=params,
+    )
+    if mode != "running":
+        if b.normalized is not None:  # the affine is folded in
+            y = b.restore(b.normalized)
+        else:
+            y = standardize(b.x, stats.mean_var(b.moments), epsilon)
+            y = affine(b.restore(y), params, feature_axes, name=name)
+        y = cast_output(y, x, dtype)
+    new_stats = None
+    if batch_stats is not None:
+        new_stats = update_running(
+            batch_stats, b.pooled, momentum, unbiased=unbiased_running_var
+        )
+    return Normalized(y, new_stats, {"": b.pooled})

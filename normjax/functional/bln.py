@@ -1,0 +1,165 @@
+"""Batch-layer normalization, BLN (Ziaee & Cano 2022). No Flax import."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from normjax import stats
+from normjax.functional.batch import (
+    batch_moments,
+    check_batch_stats,
+    running_mean_var,
+    update_running,
+)
+from normjax.functional.causal import Causal, parse_causal
+from normjax.functional.core import (
+    BatchStats,
+    Normalized,
+    Params,
+    affine,
+    broadcast_mask,
+    cast_output,
+    feature_layout,
+    standardize,
+)
+from normjax.stats import Axes, MeanVar
+
+Array = jax.Array
+BLN_SOURCES = ("running", "batch")
+
+
+def batch_layer_norm(
+    x: Array,
+    params: Params | None = None,
+    batch_stats: BatchStats | None = None,
+    *,
+    train: bool,
+    axis: Axes = -1,
+    feature_reduction_axes: Axes = -1,
+    momentum: float = 0.99,
+    epsilon: float = 1e-5,
+    inference: tuple[str, str, str, str] = ("running",) * 4,
+    mask: Array | None = None,
+    axis_name: Any = None,
+    axis_index_groups: Any = None,
+    causal: Causal = False,
+    time_axis: int = 1,
+    dtype: Any = None,
+) -> Normalized:
+    """Batch-layer normalization, BLN (Ziaee & Cano 2022, arXiv:2209.08898).
+
+    x_B = (x - mu_B) / sqrt(var_B + eps): batch statistics per channel (``axis``)
+    over every other axis, as batch norm; x_F = (x - mu_F) / sqrt(var_F + eps):
+    per-sample statistics over ``feature_reduction_axes``, as layer norm. With B the
+    number of samples in the batch (across ``axis_name`` devices; with a ``mask``,
+    those with at least one valid element), y = (1/B) x_F + (1 - 1/B) x_B, then
+    the affine ``scale``/``bias`` per channel.
+
+    Four running statistics: ``mean``/``var`` (C,) for the batch part and
+    ``feature_mean``/``feature_var`` (scalars), the population averages of the
+    per-sample statistics. At inference each of (batch mean, batch var, feature
+    mean, feature var) comes from ``inference[i]`` in {'running', 'batch'} (the
+    current batch or sample): the paper's 16 inference configurations.
+
+    Departures from the paper's code: its feature running statistics are kept per
+    batch slot (shape (B, 1)), tying inference to the training batch size; here
+    they are population scalars. Its variance is unbiased, NaN at B = 1; here it
+    is the biased one, finite at B = 1 (where y = x_F). Precise statistics
+    (``normjax.calibrate``) recompute the batch pair only.
+    """
+    name = "batch_layer_norm"
+    feature_axes, feature_shape, broadcast = feature_layout(x, axis, name)
+    if batch_stats is None:
+        raise ValueError(f"{name}: batch_stats (four running statistics) is required.")
+    shapes = {
+        "mean": feature_shape,
+        "var": feature_shape,
+        "feature_mean": (),
+        "feature_var": (),
+    }
+    check_batch_stats(batch_stats, shapes, name=name)
+    if len(inference) != 4 or any(s not in BLN_SOURCES for s in inference):
+        raise ValueError(
+            f"{name}: inference={inference!r} must give 4 sources (batch mean, batch "
+            f"var, feature mean, feature var), each one of {BLN_SOURCES}."
+        )
+    mode = parse_causal(causal, name=name)
+    sources = ("batch",) * 4 if train else tuple(inference)
+    if mode == "running":
+        sources = ("running",) * 4
+    mask = broadcast_mask(mask, x)
+    feature_moments = stats.moments(
+        x,
+        stats.canonicalize_axes(
+            x.ndim, feature_reduction_axes, name=f"{name} feature_reduction_axes"
+        ),
+        mask=mask,
+        cumulative_axis=None if mode in (None, "running") else time_axis,
+    )
+    b = batch_moments(
+        x,
+        feature_axes,
+        mask=mask,
+        axis_name=axis_name,
+        axis_index_groups=axis_index_groups,
+        causal="per_position" if mode == "running" else mode or False,
+        time_axis=time_axis,
+    )
+    running = running_mean_var(batch_stats, broadcast)
+    batch, sample = stats.mean_var(b.moments), stats.mean_var(feature_moments)
+
+    def pick(source: str, current: Array, run: Array) -> Array:
+        return current if source == "batch" else run
+
+    batch_part = MeanVar(
+        pick(sources[0], batch.mean, running.mean),
+        pick(sources[1], batch.var, running.var),
+    )
+    feature_part = MeanVar(
+        pick(sources[2], sample.mean, batch_stats["feature_mean"]),
+        pick(sources[3], sample.var, batch_stats["feature_var"]),
+    )
+    # B counts the samples with at least one valid element: padding samples of a
+    # masked batch are not samples.
+    n = x.shape[0]
+    is_sample = (
+        jnp.ones((n,), bool) if mask is None else jnp.any(mask.reshape(n, -1), axis=1)
+    )
+    samples = stats.masked_sum(
+        is_sample.astype(jnp.float32),
+        0,
+        axis_name=axis_name,
+        axis_index_groups=axis_index_groups,
+    )[0]
+    weight = 1.0 / jnp.maximum(samples, 1.0)
+    y = weight * standardize(x, feature_part, epsilon) + (1 - weight) * standardize(
+        x, batch_part, epsilon
+    )
+    y = cast_output(affine(y, params, feature_axes, name=name), x, dtype)
+    if not train:
+        return Normalized(y, batch_stats, {})
+    new_stats = update_running(batch_stats, b.pooled, momentum)
+    # Feature statistics: the mean over valid samples/positions (and devices) of
+    # the per-sample mean and variance.
+    valid = feature_moments.count > 0
+    slots = stats.masked_sum(
+        valid.astype(jnp.float32),
+        range(valid.ndim),
+        axis_name=axis_name,
+        axis_index_groups=axis_index_groups,
+    ).reshape(())
+    for key, value in (("feature_mean", sample.mean), ("feature_var", sample.var)):
+        total = stats.masked_sum(
+            value,
+            range(value.ndim),
+            mask=valid,
+            axis_name=axis_name,
+            axis_index_groups=axis_index_groups,
+        ).reshape(())
+        new_stats[key] = stats.ema(
+            batch_stats[key], stats.safe_div(total, slots), momentum, valid=slots > 0
+        )
+    return Normalized(y, new_stats, {"": b.pooled})

@@ -1,0 +1,306 @@
+"""The pieces every norm is built from: ``standardize``, ``affine`` and the fused
+``normalize`` (statistics, standardize and affine in one, with a hand-derived
+backward pass). No Flax import.
+
+``params`` is a mapping with optional ``'scale'`` and ``'bias'``, shaped like the
+input's feature axes — the tree Flax keeps in ``params``.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from normjax import stats
+from normjax.stats import Axes, MeanVar, Moments
+
+Array = jax.Array
+Params = Mapping[str, Array]
+BatchStats = Mapping[str, Array]
+
+
+class Normalized(NamedTuple):
+    """What a norm with running statistics returns.
+
+    Attributes:
+      y: the normalized output.
+      batch_stats: the new running statistics (training), the given ones
+        (evaluation), or None when none were given.
+      moments: ``{prefix: Moments}``, the batch moments behind each running pair
+        ``{prefix}mean``/``{prefix}var`` (empty in evaluation) — what
+        ``normjax.calibrate`` merges into precise statistics.
+    """
+
+    y: Array
+    batch_stats: Any
+    moments: Mapping[str, Moments]
+
+
+class NormalizeOutput(NamedTuple):
+    """:func:`normalize`'s output ``y`` and the moments it normalized with."""
+
+    y: Array
+    moments: Moments
+
+
+def standardize(x: Array, mv: MeanVar, epsilon: float) -> Array:
+    """``(x - mean) * rsqrt(var + epsilon)`` in the statistics' dtype; ``mv``
+    broadcasts against ``x`` (mean 0, var the mean square: RMS normalization)."""
+    if epsilon < 0:
+        raise ValueError(f"epsilon must be >= 0, got {epsilon}.")
+    mean = jnp.asarray(mv.mean)
+    x = x.astype(mean.dtype)
+    return (x - mean) * jax.lax.rsqrt(mv.var + epsilon)
+
+
+def normalize(
+    x: Array,
+    axes: Axes,
+    *,
+    epsilon: float,
+    mask: Array | None = None,
+    center: bool = True,
+    axis_name: Any = None,
+    axis_index_groups: Any = None,
+    params: Params | None = None,
+    feature_axes: Axes = (),
+    name: str = "normalize",
+) -> NormalizeOutput:
+    """``affine(standardize(x, mean_var(m), epsilon), params, feature_axes)`` with
+    ``m = stats.moments(x, axes, ...)`` (keepdims): the core of batch, layer, RMS,
+    instance and group norm. ``params`` ('scale' and/or 'bias', shaped like the
+    ``feature_axes`` of ``x``) are optional.
+
+    Without ``axis_name`` its backward pass is hand-derived (``jax.custom_vjp``,
+    the derivation beside ``_normalize_bwd``): it saves only ``x``, the
+    parameters and per-slot statistics, and needs one pass of reductions instead
+    of autodiff through the two-pass statistics. With ``axis_name`` it is plain
+    autodiff of the same forward (the collectives' transposes are left to JAX).
+    """
+    if epsilon < 0:
+        raise ValueError(f"epsilon must be >= 0, got {epsilon}.")
+    axes = stats.canonicalize_axes(x.ndim, axes)
+    feature_axes = stats.canonicalize_axes(x.ndim, feature_axes, name="feature_axes")
+    check_params(x.shape, params, feature_axes, name=name)
+    if mask is not None:
+        mask = jnp.broadcast_to(jnp.asarray(mask, bool), x.shape)
+    if axis_name is not None:
+        m = stats.moments(
+            x,
+            axes,
+            mask=mask,
+            center=center,
+            axis_name=axis_name,
+            axis_index_groups=axis_index_groups,
+        )
+        y = affine(standardize(x, stats.mean_var(m), epsilon), params, feature_axes)
+        return NormalizeOutput(y, m)
+    params = params or {}
+    y, m = _normalize(
+        x,
+        mask,
+        params.get("scale"),
+        params.get("bias"),
+        axes,
+        feature_axes,
+        center,
+        float(epsilon),
+    )
+    return NormalizeOutput(y, m)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _normalize(
+    x: Array,
+    mask: Array | None,
+    scale: Array | None,
+    bias: Array | None,
+    axes: tuple[int, ...],
+    feature_axes: tuple[int, ...],
+    center: bool,
+    epsilon: float,
+) -> tuple[Array, Moments]:
+    return _normalize_fwd(x, mask, scale, bias, axes, feature_axes, center, epsilon)[0]
+
+
+def _normalize_fwd(
+    x: Array,
+    mask: Array | None,
+    scale: Array | None,
+    bias: Array | None,
+    axes: tuple[int, ...],
+    feature_axes: tuple[int, ...],
+    center: bool,
+    epsilon: float,
+) -> tuple[tuple[Array, Moments], tuple[Any, ...]]:
+    m = stats.moments(x, axes, mask=mask, center=center)
+    r = jax.lax.rsqrt(stats.variance(m) + epsilon)
+    dtype = m.mean.dtype
+    shape = broadcast_shape(x.shape, feature_axes)
+    y = (x.astype(dtype) - m.mean) * r
+    if scale is not None:
+        y = y * scale.reshape(shape).astype(dtype)
+    if bias is not None:
+        y = y + bias.reshape(shape).astype(dtype)
+    return (y, m), (x, mask, scale, bias, m.count, m.mean, r)
+
+
+def _normalize_bwd(
+    axes: tuple[int, ...],
+    feature_axes: tuple[int, ...],
+    center: bool,
+    epsilon: float,
+    residuals: tuple[Any, ...],
+    cotangents: tuple[Array, Moments],
+) -> tuple[Array, None, Array | None, Array | None]:
+    # With c = x - mean, r the reciprocal std, w the mask and 1/n (0 for an empty
+    # slot), g = dy * scale, and sums over ``axes`` of every position (the outputs
+    # at masked positions depend on the statistics too):
+    #   dx = r g + w (c A + B),  A = 2 dm2 - r^3/n sum(g c),
+    #                            B = (dmean - r sum(g)) / n   (centred only),
+    #   dscale = sum(dy c r),  dbias = sum(dy)           (sums over the others),
+    # where dmean, dm2 are the cotangents of the returned moments (d mean/dx = w/n,
+    # d m2/dx = 2 w c). One fused reduction pass over (x, dy), then one
+    # elementwise pass; the centring inside the sums keeps them exact when
+    # |mean| >> std.
+    x, mask, scale, bias, count, mean, r = residuals
+    dy, dm = cotangents
+    dtype = mean.dtype
+    dy = dy.astype(dtype)
+    centred = x.astype(dtype) - mean
+    others = other_axes(x.ndim, feature_axes)
+    shape = broadcast_shape(x.shape, feature_axes)
+    scale_b = None if scale is None else scale.reshape(shape).astype(dtype)
+    pooled = tuple(a for a in axes if a not in feature_axes)
+    if pooled:
+        # Batch and group norm: the parameters are constant along the ``pooled``
+        # axes, so sums over them of dy and dy c (c = x - mean) first; every
+        # other sum, and the scale, then work on those small partial sums (no
+        # scaled or standardized full-size copy for XLA to materialize).
+        part_dy = stats.reduce_sum(dy, pooled)
+        part_dyc = stats.reduce_sum(dy * centred, pooled)
+        rest = tuple(a for a in others if a not in pooled)  # e.g. ghost groups
+        dbias = None if bias is None else jnp.sum(part_dy, rest, keepdims=True)
+        dscale = None if scale is None else jnp.sum(r * part_dyc, rest, keepdims=True)
+        if scale_b is not None:
+            part_dy, part_dyc, dy = part_dy * scale_b, part_dyc * scale_b, dy * scale_b
+        within = tuple(a for a in axes if a not in pooled)  # group norm's channels
+        sum_dy = jnp.sum(part_dy, within, keepdims=True)
+        sum_dyc = jnp.sum(part_dyc, within, keepdims=True)
+    else:  # layer/RMS norm over the features
+        dscale = dbias = None
+        if bias is not None:
+            dbias = stats.reduce_sum(dy, others)
+        if scale_b is not None:
+            dscale = stats.reduce_sum(dy * (centred * r), others)
+            dy = dy * scale_b
+        sum_dyc = stats.reduce_sum(dy * centred, axes)
+        sum_dy = stats.reduce_sum(dy, axes) if center else None
+    if dbias is not None:
+        dbias = dbias.reshape(bias.shape).astype(bias.dtype)
+    if dscale is not None:
+        dscale = dscale.reshape(scale.shape).astype(scale.dtype)
+    inv_n = stats.safe_div(jnp.ones_like(count), count)
+    dm2 = dm.m2.astype(dtype)
+    a = 2.0 * dm2 - r * r * r * inv_n * sum_dyc
+    if center:
+        b = inv_n * (dm.mean.astype(dtype) - r * sum_dy)
+        correction = centred * a + b
+    else:
+        correction = centred * a
+    if mask is not None:
+        correction = jnp.where(mask, correction, 0.0)
+    dx = r * dy + correction
+    return dx.astype(x.dtype), None, dscale, dbias
+
+
+_normalize.defvjp(_normalize_fwd, _normalize_bwd)
+
+
+def check_params(
+    shape: tuple[int, ...],
+    params: Params | None,
+    feature_axes: tuple[int, ...],
+    *,
+    name: str,
+    keys: tuple[str, ...] = ("scale", "bias"),
+) -> None:
+    """A clear error when ``params`` holds other keys than ``keys`` or shapes that
+    are not the input's feature shape."""
+    feature_shape = tuple(shape[a] for a in feature_axes)
+    for key in params or {}:
+        if key not in keys:
+            raise ValueError(
+                f"{name}: unknown parameter {key!r}; expected "
+                f"{' and/or '.join(map(repr, keys))}."
+            )
+        got = tuple(params[key].shape)  # type: ignore[index]
+        if got != feature_shape:
+            raise ValueError(
+                f"{name}: params[{key!r}] has shape {got} but the input's feature "
+                f"axes {feature_axes} have shape {feature_shape}; the parameters "
+                "belong to another layer or the feature axes are set wrongly."
+            )
+
+
+def broadcast_shape(shape: tuple[int, ...], feature_axes: tuple[int, ...]) -> list:
+    """``shape`` with every axis but ``feature_axes`` set to 1."""
+    return [n if a in feature_axes else 1 for a, n in enumerate(shape)]
+
+
+def affine(
+    y: Array,
+    params: Params | None,
+    feature_axes: tuple[int, ...],
+    *,
+    name: str = "affine",
+) -> Array:
+    """``y * scale + bias`` with parameters of the shape of ``y``'s feature axes."""
+    if not params:
+        return y
+    check_params(y.shape, params, feature_axes, name=name)
+    broadcast = broadcast_shape(y.shape, feature_axes)
+    if "scale" in params:
+        y = y * params["scale"].reshape(broadcast).astype(y.dtype)
+    if "bias" in params:
+        y = y + params["bias"].reshape(broadcast).astype(y.dtype)
+    return y
+
+
+def cast_output(y: Array, x: Array, dtype: Any) -> Array:
+    """``y`` in ``dtype``, or in the input's dtype when ``dtype`` is None."""
+    return y.astype(x.dtype if dtype is None else dtype)
+
+
+def other_axes(ndim: int, axes: tuple[int, ...]) -> tuple[int, ...]:
+    """The axes of an ``ndim``-dimensional array that are not in ``axes``."""
+    return tuple(a for a in range(ndim) if a not in axes)
+
+
+def broadcast_mask(mask: Array | None, x: Array) -> Array | None:
+    """``mask`` as a boolean array of ``x``'s shape (None stays None); a clear
+    error when it does not broadcast."""
+    if mask is None:
+        return None
+    mask = jnp.asarray(mask)
+    try:
+        return jnp.broadcast_to(mask.astype(bool), x.shape)
+    except ValueError:
+        raise ValueError(
+            f"mask of shape {mask.shape} does not broadcast to the input's shape "
+            f"{x.shape}; give a boolean mask broadcastable to the input."
+        ) from None
+
+
+def feature_layout(
+    x: Array, axis: Axes, name: str
+) -> tuple[tuple[int, ...], tuple[int, ...], list[int]]:
+    """(feature axes, feature shape, shape that broadcasts feature-shaped
+    statistics against ``x``) for the features on ``axis``."""
+    feature_axes = stats.canonicalize_axes(x.ndim, axis, name=f"{name} axis")
+    feature_shape = tuple(x.shape[a] for a in feature_axes)
+    return feature_axes, feature_shape, broadcast_shape(x.shape, feature_axes)

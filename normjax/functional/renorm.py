@@ -1,0 +1,110 @@
+"""Batch renormalization (Ioffe 2017). No Flax import."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from normjax import stats
+from normjax.functional.batch import (
+    batch_moments,
+    check_batch_stats,
+    running_mean_var,
+    update_running,
+)
+from normjax.functional.causal import Causal, parse_causal
+from normjax.functional.core import (
+    BatchStats,
+    Normalized,
+    Params,
+    affine,
+    cast_output,
+    feature_layout,
+    standardize,
+)
+from normjax.stats import Axes
+
+Array = jax.Array
+
+
+def renorm_limits(
+    step: Array, r_max: float, d_max: float, relax: tuple[int, int, int]
+) -> tuple[Array, Array]:
+    """Batch renorm's relaxation schedule (Ioffe 2017, Sec. 4).
+
+    ``relax = (start, r_end, d_end)``: r_max = 1 and d_max = 0 until ``start``,
+    then linear to ``r_max`` at step ``r_end`` and to ``d_max`` at ``d_end``. The
+    paper: start 5k, r_max 3 at 40k, d_max 5 at 25k steps.
+    """
+    start, r_end, d_end = relax
+    step = jnp.asarray(step, jnp.float32)
+
+    def ramp(end: int) -> Array:
+        return jnp.clip((step - start) / max(end - start, 1), 0.0, 1.0)
+
+    return 1.0 + (r_max - 1.0) * ramp(r_end), d_max * ramp(d_end)
+
+
+def batch_renorm(
+    x: Array,
+    params: Params | None = None,
+    batch_stats: BatchStats | None = None,
+    *,
+    train: bool,
+    axis: Axes = -1,
+    momentum: float = 0.99,
+    epsilon: float = 1e-5,
+    r_max: float | Array = 3.0,
+    d_max: float | Array = 5.0,
+    mask: Array | None = None,
+    axis_name: Any = None,
+    axis_index_groups: Any = None,
+    causal: Causal = False,
+    time_axis: int = 1,
+    dtype: Any = None,
+) -> Normalized:
+    """Batch renormalization (Ioffe 2017): batch statistics corrected towards the
+    running ones, so training and inference normalize alike.
+
+    With batch mu_B, sigma_B and running mu, sigma (sigma = sqrt(var + eps)):
+    r = stop_gradient(clip(sigma_B / sigma, 1/r_max, r_max)),
+    d = stop_gradient(clip((mu_B - mu) / sigma, -d_max, d_max)),
+    x_hat = (x - mu_B) / sigma_B * r + d. Evaluation: (x - mu) / sigma. The running
+    statistics are updated as in ``batch_norm``. r_max = 1, d_max = 0 is batch norm.
+    """
+    name = "batch_renorm"
+    feature_axes, feature_shape, broadcast = feature_layout(x, axis, name)
+    if batch_stats is None:
+        raise ValueError(f"{name}: batch_stats (running mean/var) is required.")
+    check_batch_stats(
+        batch_stats, {"mean": feature_shape, "var": feature_shape}, name=name
+    )
+    mode = parse_causal(causal, name=name)
+    running = running_mean_var(batch_stats, broadcast)
+    if not train or mode == "running":
+        y = affine(standardize(x, running, epsilon), params, feature_axes, name=name)
+        y = cast_output(y, x, dtype)
+        if not train:
+            return Normalized(y, batch_stats, {})
+    b = batch_moments(
+        x,
+        feature_axes,
+        mask=mask,
+        axis_name=axis_name,
+        axis_index_groups=axis_index_groups,
+        causal="per_position" if mode == "running" else mode or False,
+        time_axis=time_axis,
+    )
+    if mode != "running":
+        sigma_batch = jnp.sqrt(stats.variance(b.moments) + epsilon)
+        sigma = jnp.sqrt(running.var + epsilon)
+        r = jax.lax.stop_gradient(jnp.clip(sigma_batch / sigma, 1.0 / r_max, r_max))
+        d = jax.lax.stop_gradient(
+            jnp.clip((b.moments.mean - running.mean) / sigma, -d_max, d_max)
+        )
+        x_hat = (x.astype(sigma.dtype) - b.moments.mean) / sigma_batch * r + d
+        y = cast_output(affine(x_hat, params, feature_axes, name=name), x, dtype)
+    new_stats = update_running(batch_stats, b.pooled, momentum)
+    return Normalized(y, new_stats, {"": b.pooled})

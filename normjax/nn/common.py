@@ -1,0 +1,135 @@
+"""What the Linen modules share: the statistics-source context, Flax-shaped
+affine parameters and the plumbing of running statistics."""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax.typing import Axes
+
+from normjax import stats
+
+Array = jax.Array
+
+STATISTICS_SOURCES = ("running", "batch")
+_SOURCE: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "normjax_statistics_source", default=None
+)
+
+
+@contextlib.contextmanager
+def statistics_source(source: str) -> Iterator[None]:
+    """Within this context every normjax batch-statistics module normalizes with
+    ``source`` — 'running' (the stored averages) or 'batch' (the current batch,
+    without updating the stored averages) — whatever ``use_running_average`` it
+    is given. It acts when a function is traced: jit inside the context.
+    """
+    if source not in STATISTICS_SOURCES:
+        raise ValueError(
+            f"unknown statistics source {source!r}; use one of {STATISTICS_SOURCES}."
+        )
+    token = _SOURCE.set(source)
+    try:
+        yield
+    finally:
+        _SOURCE.reset(token)
+
+
+def current_source() -> str | None:
+    """The source set by :func:`statistics_source`, or None outside it."""
+    return _SOURCE.get()
+
+
+def affine_params(module: nn.Module, feature_shape: tuple[int, ...]) -> dict:
+    """Creates ``scale`` and ``bias`` as Flax does (same names, shapes, order)."""
+    params = {}
+    if getattr(module, "use_scale", True):
+        params["scale"] = module.param(
+            "scale",
+            module.scale_init,  # type: ignore[attr-defined]
+            feature_shape,
+            module.param_dtype,  # type: ignore[attr-defined]
+        )
+    if getattr(module, "use_bias", False):
+        params["bias"] = module.param(
+            "bias",
+            module.bias_init,  # type: ignore[attr-defined]
+            feature_shape,
+            module.param_dtype,  # type: ignore[attr-defined]
+        )
+    return params
+
+
+def feature_shape_of(x: Array, feature_axes: Axes, name: str) -> tuple[int, ...]:
+    """The shape of ``x``'s ``feature_axes``."""
+    axes = stats.canonicalize_axes(x.ndim, feature_axes, name=name)
+    return tuple(x.shape[a] for a in axes)
+
+
+class BatchStatistics(nn.Module):
+    """Plumbing of the modules that keep running statistics in ``batch_stats``.
+
+    Subclasses declare ``use_running_average`` and ``axis_name``.
+    """
+
+    def _train_and_update(self, use_running_average: bool | None) -> tuple[bool, bool]:
+        """(normalize with batch statistics?, update the running ones?)."""
+        source = _SOURCE.get()
+        if source is not None:
+            return source == "batch", False
+        use_running_average = nn.merge_param(
+            "use_running_average",
+            self.use_running_average,  # type: ignore[attr-defined]
+            use_running_average,
+        )
+        train = not use_running_average
+        return train, train and not self.is_initializing()
+
+    def _running(self, shapes: Mapping[str, tuple[tuple[int, ...], Any]]) -> dict:
+        """``batch_stats`` variables: name -> (shape, initializer)."""
+        return {
+            key: self.variable("batch_stats", key, init, shape, jnp.float32)
+            for key, (shape, init) in shapes.items()
+        }
+
+    def _apply(
+        self,
+        fn: Callable[..., Any],
+        x: Array,
+        params: dict,
+        running: dict,
+        use_running_average: bool | None,
+        **kwargs: Any,
+    ) -> Array:
+        """``fn(x, params, running values, train=..., **kwargs)`` (a functional
+        norm returning ``Normalized``); stores the new running statistics when
+        updating, and the batch moments behind them (``moments/{p}count,
+        {p}mean, {p}m2``, for ``normjax.calibrate``) when the 'moments'
+        collection is mutable."""
+        train, update = self._train_and_update(use_running_average)
+        out = fn(
+            x,
+            params,
+            {key: var.value for key, var in running.items()},
+            train=train,
+            **kwargs,
+        )
+        if train and self.is_mutable_collection("moments"):
+            if not self.is_initializing():
+                for prefix, m in out.moments.items():
+                    for field in ("count", "mean", "m2"):
+                        self.put_variable("moments", prefix + field, getattr(m, field))
+        if update:
+            for key, value in out.batch_stats.items():
+                running[key].value = value
+        return out.y
+
+    def _axis_name(self) -> Any:
+        # As in Flax: at init the named axis may not exist yet.
+        return None if self.is_initializing() else self.axis_name  # type: ignore

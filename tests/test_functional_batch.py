@@ -1,0 +1,220 @@
+"""normjax.functional.batch: batch norm, ghost batches, masks and causal modes
+against float64 NumPy references written out here."""
+
+import jax
+import jax.numpy as jnp
+import jax.test_util
+import numpy as np
+import pytest
+from functional_refs import (
+    DTYPES,
+    as_array,
+    check,
+    params_for,
+    random_input,
+    ref_affine,
+    ref_normalize,
+)
+from hypothesis import given
+from hypothesis import strategies as st
+
+from normjax import functional as F
+
+
+def ref_batch_norm_train(x, feature_axes, mask, eps, momentum, running):
+    axes = tuple(a for a in range(x.ndim) if a not in feature_axes)
+    y, mean, var = ref_normalize(x, axes, mask, eps)
+    fshape = running["mean"].shape
+    new_mean = momentum * running["mean"] + (1 - momentum) * mean.reshape(fshape)
+    new_var = momentum * running["var"] + (1 - momentum) * var.reshape(fshape)
+    return y, new_mean, new_var
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "shape,axis",
+    [((8, 4, 4, 6), -1), ((16, 5), -1), ((4, 6, 3), 1), ((4, 3, 5), (1, 2))],
+)
+@pytest.mark.parametrize("masked", [False, True])
+def test_batch_norm_train_and_eval(dtype, shape, axis, masked):
+    rng = np.random.default_rng(sum(shape))
+    x = random_input(rng, shape, dtype)
+    ndim = len(shape)
+    features = tuple(sorted(a % ndim for a in np.atleast_1d(axis)))
+    fshape = tuple(shape[a] for a in features)
+    mask = rng.random(shape) < 0.7 if masked else None
+    params = params_for(rng, fshape)
+    running = {
+        "mean": jnp.asarray(rng.normal(size=fshape), jnp.float32),
+        "var": jnp.asarray(rng.uniform(0.5, 2, size=fshape), jnp.float32),
+    }
+    y, new, _ = F.batch_norm(
+        as_array(x, dtype),
+        params,
+        running,
+        train=True,
+        axis=axis,
+        mask=mask,
+        momentum=0.9,
+        epsilon=1e-5,
+    )
+    ref, ref_mean, ref_var = ref_batch_norm_train(
+        x, features, mask, 1e-5, 0.9, jax.tree.map(np.asarray, running)
+    )
+    check(y, ref_affine(ref, params["scale"], params["bias"], features), dtype)
+    np.testing.assert_allclose(
+        new["mean"], ref_mean.reshape(fshape), rtol=1e-5, atol=1e-5
+    )
+    np.testing.assert_allclose(
+        new["var"], ref_var.reshape(fshape), rtol=1e-5, atol=1e-5
+    )
+    assert new["mean"].dtype == jnp.float32
+
+    y_eval, same, _ = F.batch_norm(
+        as_array(x, dtype), params, new, train=False, axis=axis, epsilon=1e-5
+    )
+    assert same is new
+    bshape = [shape[a] if a in features else 1 for a in range(ndim)]
+    ref_eval = (x - np.reshape(new["mean"], bshape)) / np.sqrt(
+        np.reshape(new["var"], bshape) + 1e-5
+    )
+    check(
+        y_eval, ref_affine(ref_eval, params["scale"], params["bias"], features), dtype
+    )
+
+
+def test_batch_norm_running_update_exact_value():
+    x = jnp.array([[1.0, 10.0], [3.0, 30.0]])
+    running = {"mean": jnp.array([0.0, 1.0]), "var": jnp.array([1.0, 2.0])}
+    _, new, _ = F.batch_norm(x, None, running, train=True, momentum=0.99)
+    np.testing.assert_allclose(
+        new["mean"], [0.99 * 0 + 0.01 * 2, 0.99 * 1 + 0.01 * 20], rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        new["var"], [0.99 * 1 + 0.01 * 1, 0.99 * 2 + 0.01 * 100], rtol=1e-6
+    )
+    _, unbiased, _ = F.batch_norm(
+        x, None, running, train=True, momentum=0.99, unbiased_running_var=True
+    )
+    np.testing.assert_allclose(
+        unbiased["var"], [0.99 + 0.01 * 2, 0.99 * 2 + 0.01 * 200], rtol=1e-6
+    )
+
+
+def test_batch_norm_without_valid_elements_keeps_running_stats():
+    x = jnp.ones((4, 3))
+    running = {"mean": jnp.array([1.0, 2.0, 3.0]), "var": jnp.array([4.0, 5.0, 6.0])}
+    y, new, _ = F.batch_norm(x, None, running, train=True, mask=jnp.zeros((4, 1), bool))
+    assert np.all(np.isfinite(y))
+    for k in running:
+        np.testing.assert_array_equal(new[k], running[k])
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("ghost", [4, 5])  # 5: a last, shorter virtual batch of 2
+def test_ghost_batch_norm(masked, ghost):
+    rng = np.random.default_rng(11)
+    x = rng.normal(2, 3, size=(12, 3, 5)).astype(np.float32)
+    mask = rng.random(x.shape) < 0.8 if masked else None
+    running = {"mean": jnp.zeros(5), "var": jnp.ones(5)}
+    y, new, _ = F.batch_norm(
+        jnp.asarray(x),
+        None,
+        running,
+        train=True,
+        ghost_batch_size=ghost,
+        mask=mask,
+        momentum=0.0,
+    )
+    counts, sums, m2s = 0, 0, 0
+    for start in range(0, 12, ghost):
+        rows = slice(start, start + ghost)
+        gm = None if mask is None else mask[rows]
+        ref, mean, var = ref_normalize(x[rows], (0, 1), gm, eps=1e-5)
+        np.testing.assert_allclose(y[rows], ref, rtol=1e-5, atol=1e-5)
+        n = x[rows].shape[0] * 3 if gm is None else gm.sum((0, 1))
+        counts = counts + n
+        sums = sums + n * mean.reshape(-1)
+        m2s = m2s + n * var.reshape(-1)
+    # Running statistics: pooled mean, pooled within-group variance.
+    np.testing.assert_allclose(new["mean"], sums / counts, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(new["var"], m2s / counts, rtol=1e-5, atol=1e-6)
+
+
+def test_masked_equals_unmasked_on_valid_subset():
+    rng = np.random.default_rng(12)
+    x = jnp.asarray(rng.normal(size=(10, 4, 6)), jnp.float32)
+    valid = jnp.asarray(rng.random(10) < 0.6)
+    running = {"mean": jnp.zeros(6), "var": jnp.ones(6)}
+    y_masked, s_masked, _ = F.batch_norm(
+        x, None, running, train=True, mask=valid[:, None, None]
+    )
+    y_subset, s_subset, _ = F.batch_norm(x[valid], None, running, train=True)
+    np.testing.assert_allclose(y_masked[valid], y_subset, rtol=1e-5, atol=1e-5)
+    for k in running:
+        np.testing.assert_allclose(s_masked[k], s_subset[k], rtol=1e-6)
+    # Per-sample norms: a mask over the features equals dropping those features.
+    features = jnp.asarray(rng.random(6) < 0.5).at[0].set(True)
+    for fn in (F.layer_norm, F.rms_norm):
+        y = fn(x, mask=features)
+        np.testing.assert_allclose(
+            y[..., features], fn(x[..., features]), rtol=1e-5, atol=1e-5
+        )
+    y = F.instance_norm(x, mask=valid[None, :4, None])
+    np.testing.assert_allclose(
+        y[:, valid[:4]], F.instance_norm(x[:, valid[:4]]), rtol=1e-5, atol=1e-5
+    )
+
+
+@given(
+    shift=st.floats(-100, 100),
+    log_scale=st.floats(-3, 3),
+    seed=st.integers(0, 2**16),
+)
+def test_batch_norm_invariant_to_per_channel_shift_and_scale(shift, log_scale, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(16, 3, 5))
+    per_channel_shift = shift * rng.uniform(-1, 1, size=(5,))
+    per_channel_scale = np.exp(log_scale * rng.uniform(0, 1, size=(5,)))
+    y, _, _ = F.batch_norm(jnp.asarray(x, jnp.float32), train=True, epsilon=0.0)
+    y2, _, _ = F.batch_norm(
+        jnp.asarray(x * per_channel_scale + per_channel_shift, jnp.float32),
+        train=True,
+        epsilon=0.0,
+    )
+    np.testing.assert_allclose(y, y2, rtol=1e-3, atol=1e-3)
+
+
+def test_batch_norm_causal_modes_match_references():
+    rng = np.random.default_rng(26)
+    x = rng.normal(1.0, 2.0, size=(3, 5, 4))
+    mask = rng.random((3, 5, 1)) < 0.8
+    mask[:, 0] = True
+    running = {
+        "mean": jnp.asarray(rng.normal(size=4), jnp.float32),
+        "var": jnp.asarray(rng.uniform(0.5, 2, 4), jnp.float32),
+    }
+    x32 = jnp.asarray(x, jnp.float32)
+    eps = 1e-5
+    y, new, _ = F.batch_norm(
+        x32, None, running, train=True, causal=True, mask=mask, momentum=0.0
+    )
+    for t in range(5):
+        ref, _, _ = ref_normalize(x[:, : t + 1], (0, 1), mask[:, : t + 1], eps)
+        np.testing.assert_allclose(y[:, t], ref[:, t], rtol=1e-4, atol=1e-4)
+    _, pooled_mean, pooled_var = ref_normalize(x, (0, 1), mask, eps)
+    np.testing.assert_allclose(new["mean"], pooled_mean.ravel(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(new["var"], pooled_var.ravel(), rtol=1e-5)
+    y, new_pp, _ = F.batch_norm(
+        x32, None, running, train=True, causal="per_position", mask=mask, momentum=0.0
+    )
+    ref, _, _ = ref_normalize(x, (0,), mask, eps)
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(new_pp["mean"], new["mean"], rtol=1e-5, atol=1e-6)
+    y, new_run, _ = F.batch_norm(
+        x32, None, running, train=True, causal="running", mask=mask, momentum=0.0
+    )
+    np.testing.assert_allclose(y, F.batch_norm(x32, None, running, train=False).y)
+    np.testing.assert_allclose(new_run["var"], new["var"], rtol=1e-5)
+    with pytest.raises(ValueError, match="not a causal mode"):
+        F.batch_norm(x32, None, running, train=True, causal="future")

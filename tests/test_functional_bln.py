@@ -1,0 +1,104 @@
+"""normjax.functional.bln: batch-layer normalization against the paper's formula."""
+
+import jax
+import jax.numpy as jnp
+import jax.test_util
+import numpy as np
+import pytest
+from functional_refs import (
+    params_for,
+    ref_affine,
+    ref_batch_stats,
+)
+
+from normjax import functional as F
+
+SOURCES = ("running", "batch")
+
+
+@pytest.mark.parametrize(
+    "inference",
+    [(a, b, c, d) for a in SOURCES for b in SOURCES for c in SOURCES for d in SOURCES],
+)
+def test_bln_matches_paper_formula_in_all_16_inference_configs(inference):
+    rng = np.random.default_rng(22)
+    x = rng.normal(0.5, 2.0, size=(4, 3, 6))
+    params = params_for(rng, (6,))
+    running = {
+        "mean": rng.normal(size=6),
+        "var": rng.uniform(0.5, 2, size=6),
+        "feature_mean": np.float64(0.3),
+        "feature_var": np.float64(1.7),
+    }
+    run32 = jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), running)
+    eps, B = 1e-5, 4
+    mu_b, var_b = ref_batch_stats(x, (2,))
+    mu_f, var_f = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+
+    def expected(sources):
+        pick = lambda s, batch, run: batch if s == "batch" else run  # noqa: E731
+        xb = (x - pick(sources[0], mu_b, running["mean"])) / np.sqrt(
+            pick(sources[1], var_b, running["var"]) + eps
+        )
+        xf = (x - pick(sources[2], mu_f, running["feature_mean"])) / np.sqrt(
+            pick(sources[3], var_f, running["feature_var"]) + eps
+        )
+        y = xf / B + (1 - 1 / B) * xb
+        return ref_affine(y, params["scale"], params["bias"], (2,))
+
+    y, new, _ = F.batch_layer_norm(
+        jnp.asarray(x, jnp.float32), params, run32, train=True, momentum=0.9
+    )
+    np.testing.assert_allclose(y, expected(("batch",) * 4), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        new["mean"], 0.9 * running["mean"] + 0.1 * mu_b.ravel(), rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        new["var"], 0.9 * running["var"] + 0.1 * var_b.ravel(), rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        new["feature_mean"], 0.9 * 0.3 + 0.1 * mu_f.mean(), rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        new["feature_var"], 0.9 * 1.7 + 0.1 * var_f.mean(), rtol=1e-5
+    )
+    y_eval, same, _ = F.batch_layer_norm(
+        jnp.asarray(x, jnp.float32), params, run32, train=False, inference=inference
+    )
+    assert same is run32
+    np.testing.assert_allclose(y_eval, expected(inference), rtol=1e-4, atol=1e-4)
+
+
+def test_bln_at_batch_size_one_is_finite_and_equals_feature_part():
+    x = jnp.asarray(np.random.default_rng(23).normal(size=(1, 5, 6)), jnp.float32)
+    running = {
+        "mean": jnp.zeros(6),
+        "var": jnp.ones(6),
+        "feature_mean": jnp.zeros(()),
+        "feature_var": jnp.ones(()),
+    }
+    y, grad = jax.value_and_grad(
+        lambda x: jnp.sum(F.batch_layer_norm(x, None, running, train=True).y ** 3)
+    )(x)
+    assert np.isfinite(y) and np.all(np.isfinite(grad))
+    np.testing.assert_allclose(
+        F.batch_layer_norm(x, None, running, train=True).y,
+        F.layer_norm(x, epsilon=1e-5),
+        atol=1e-5,
+    )
+
+
+def test_bln_counts_only_valid_samples_as_the_batch():
+    rng = np.random.default_rng(24)
+    x = jnp.asarray(rng.normal(0.5, 2.0, size=(6, 3, 8)), jnp.float32)
+    running = {
+        "mean": jnp.zeros(8),
+        "var": jnp.ones(8),
+        "feature_mean": jnp.zeros(()),
+        "feature_var": jnp.ones(()),
+    }
+    valid = np.array([True, False, True, True, False, True])
+    mask = jnp.asarray(valid)[:, None, None]
+    padded, _, _ = F.batch_layer_norm(x, None, running, train=True, mask=mask)
+    alone, _, _ = F.batch_layer_norm(x[valid], None, running, train=True)
+    np.testing.assert_allclose(padded[valid], alone, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,94 @@
+"""normjax.functional.core: the fused ``normalize`` and its hand-derived backward
+pass against autodiff of the plain two-pass forward."""
+
+import jax
+import jax.numpy as jnp
+import jax.test_util
+import numpy as np
+import pytest
+
+from normjax import functional as F
+from normjax import stats
+
+NORMALIZE_CASES = [
+    ((4, 5, 6), (0, 1)),
+    ((3, 7), (1,)),
+    ((2, 3, 4, 5), (1, 2)),
+    ((2, 3, 4, 5), (0, 1, 2)),
+    ((6, 1, 8), (0, 2)),
+]
+
+
+def _reference_normalize(x, axes, mask, center, epsilon):
+    m = stats.moments(x, axes, mask=mask, center=center)
+    return F.standardize(x, stats.mean_var(m), epsilon), m
+
+
+@pytest.mark.parametrize("shape,axes", NORMALIZE_CASES)
+@pytest.mark.parametrize("center", [True, False], ids=["centred", "uncentred"])
+@pytest.mark.parametrize("masked", [False, True], ids=["dense", "masked"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_normalize_backward_equals_autodiff_of_the_two_pass_forward(
+    shape, axes, center, masked, dtype
+):
+    rng = np.random.default_rng(hash((shape, axes, center, masked)) % 2**32)
+    x = jnp.asarray(rng.normal(2, 3, size=shape), dtype)
+    mask = jnp.asarray(rng.random(shape) > 0.3) if masked else None
+    w = jnp.asarray(rng.normal(size=shape), jnp.float32)
+
+    def loss(fn, x):
+        y, m = fn(x)
+        # uses the output and both moments, so every cotangent path is checked
+        return (
+            jnp.sum(w * y)
+            + jnp.sum(jnp.sin(m.mean))
+            + 0.1 * jnp.sum(jnp.cos(m.m2 / 10))
+        )
+
+    def fast(x):
+        return F.normalize(x, axes, epsilon=1e-5, mask=mask, center=center)
+
+    def reference(x):
+        return _reference_normalize(x, axes, mask, center, 1e-5)
+
+    (y, m), (y_ref, m_ref) = fast(x), reference(x)
+    np.testing.assert_array_equal(y, y_ref)
+    for a, b in zip(m, m_ref, strict=True):
+        np.testing.assert_array_equal(a, b)
+    g = jax.jit(jax.grad(lambda x: loss(fast, x)))(x)
+    g_ref = jax.grad(lambda x: loss(reference, x))(x)
+    assert g.dtype == x.dtype
+    scale = float(jnp.max(jnp.abs(g_ref.astype(jnp.float32))))
+    tolerance = 1e-5 if dtype == jnp.float32 else 2e-2
+    np.testing.assert_allclose(
+        np.asarray(g, np.float32) / scale,
+        np.asarray(g_ref, np.float32) / scale,
+        atol=tolerance,
+    )
+
+
+def test_normalize_fully_masked_slots_and_axis_name_path():
+    x = jax.random.normal(jax.random.key(0), (4, 3, 5))
+    mask = jnp.ones(x.shape, bool).at[:, :, 2].set(False)  # feature 2 empty
+
+    def loss(x):
+        y, _ = F.normalize(x, (0, 1), epsilon=1e-5, mask=mask)
+        return jnp.sum(jnp.sin(y))
+
+    g = jax.grad(loss)(x)
+    assert np.all(np.isfinite(g))
+    # masked-out elements never reach the statistics of their slot
+    assert np.all(np.asarray(g[:, :, 2]) != 0)  # y still depends on x there
+    # with axis_name (vmap over 2 "devices"): the same as one device on the whole
+    parts = x.reshape(2, 2, 3, 5)
+    pooled = jax.vmap(
+        lambda p: F.normalize(p, (0, 1), epsilon=1e-5, axis_name="d").y,
+        axis_name="d",
+    )(parts)
+    whole, _ = F.normalize(x, (0, 1), epsilon=1e-5)
+    np.testing.assert_allclose(pooled.reshape(x.shape), whole, rtol=1e-5, atol=1e-5)
+
+
+def test_normalize_rejects_negative_epsilon():
+    with pytest.raises(ValueError, match="epsilon must be >= 0"):
+        F.normalize(jnp.ones((2, 3)), -1, epsilon=-1.0)

@@ -1,0 +1,79 @@
+"""normjax.functional.renorm: batch renormalization against the paper's formula."""
+
+import jax
+import jax.numpy as jnp
+import jax.test_util
+import numpy as np
+import pytest
+from functional_refs import ref_batch_stats
+
+from normjax import functional as F
+
+
+@pytest.mark.parametrize("r_max,d_max", [(1.0, 0.0), (1.5, 0.5), (3.0, 5.0)])
+def test_batch_renorm_matches_paper_formula(r_max, d_max):
+    rng = np.random.default_rng(20)
+    x = rng.normal(1.0, 2.0, size=(16, 3, 6))
+    running = {"mean": rng.normal(size=6), "var": rng.uniform(0.5, 3, size=6)}
+    eps = 1e-5
+    y, new, _ = F.batch_renorm(
+        jnp.asarray(x, jnp.float32),
+        None,
+        jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), running),
+        train=True,
+        r_max=r_max,
+        d_max=d_max,
+        momentum=0.9,
+    )
+    mu_b, var_b = ref_batch_stats(x, (2,))
+    sigma_b, sigma = np.sqrt(var_b + eps), np.sqrt(running["var"] + eps)
+    r = np.clip(sigma_b / sigma, 1 / r_max, r_max)
+    d = np.clip((mu_b - running["mean"]) / sigma, -d_max, d_max)
+    np.testing.assert_allclose(y, (x - mu_b) / sigma_b * r + d, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        new["mean"], 0.9 * running["mean"] + 0.1 * mu_b.ravel(), rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        new["var"], 0.9 * running["var"] + 0.1 * var_b.ravel(), rtol=1e-5
+    )
+    if r_max == 1.0:  # r = 1, d = 0: batch norm
+        np.testing.assert_allclose(
+            y, F.batch_norm(jnp.asarray(x, jnp.float32), train=True).y, atol=1e-5
+        )
+    y_eval, _, _ = F.batch_renorm(
+        jnp.asarray(x, jnp.float32), None, new, train=False, r_max=r_max
+    )
+    ref_eval = (x - np.asarray(new["mean"])) / np.sqrt(np.asarray(new["var"]) + eps)
+    np.testing.assert_allclose(y_eval, ref_eval, rtol=1e-4, atol=1e-4)
+
+
+def test_batch_renorm_gradient_treats_r_and_d_as_constants():
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(21)
+        x = jnp.asarray(rng.normal(1.0, 2.0, size=(8, 5)))
+        running = {"mean": jnp.zeros(5), "var": jnp.full(5, 0.5)}
+        w = jnp.asarray(rng.normal(size=(8, 5)))
+        eps = 1e-5
+        mu = np.asarray(x).mean(0)
+        sigma_b = np.sqrt(np.asarray(x).var(0) + eps)
+        r = np.clip(sigma_b / np.sqrt(0.5 + eps), 1 / 1.2, 1.2)  # constants
+        d = np.clip(mu / np.sqrt(0.5 + eps), -0.3, 0.3)
+
+        def reference(x):
+            mean = x.mean(0)
+            return jnp.sum(w * ((x - mean) / jnp.sqrt(x.var(0) + eps) * r + d))
+
+        def ours(x):
+            y, _, _ = F.batch_renorm(x, None, running, train=True, r_max=1.2, d_max=0.3)
+            return jnp.sum(w * y)
+
+        np.testing.assert_allclose(jax.grad(ours)(x), jax.grad(reference)(x), rtol=1e-8)
+
+
+def test_renorm_limits_schedule():
+    limits = [
+        F.renorm_limits(s, 3.0, 5.0, (10, 50, 30)) for s in (0, 10, 20, 30, 50, 99)
+    ]
+    r, d = np.array(limits).T
+    np.testing.assert_allclose(r, [1, 1, 1.5, 2, 3, 3])
+    np.testing.assert_allclose(d, [0, 0, 2.5, 5, 5, 5])
