@@ -24,10 +24,9 @@ import numpy as np
 import optax
 
 from experiments import common
-from normjax import models, registry
+from normjax import calibrate, models, registry
 from normjax.data import text
 from normjax.train import TrainState, train_and_evaluate
-from normjax.train.loop import Predictor
 from normjax.train.plots import plot_curves
 
 Array = jax.Array
@@ -129,10 +128,12 @@ class TextTask:
         nbytes = jnp.sum(self.token_bytes[batch["targets"]] * weights)
         return loss, {"bits_per_byte": total / math.log(2.0) / nbytes}
 
-    def evaluate(self, predictor: Predictor, state: TrainState) -> dict[str, float]:
+    def evaluate(
+        self, evaluator: calibrate.Evaluator, state: TrainState
+    ) -> dict[str, float]:
         """Loss per token and bits per byte over the whole validation split, for
-        each statistics source in ``config.eval_sources`` ('running': the
-        model's own evaluation path; suffixes name the others)."""
+        each statistics source in ``config.eval_sources`` (suffixes name all but
+        the first)."""
         size = self.config.eval_batch_size
         if size % jax.device_count():
             raise ValueError(
@@ -140,6 +141,7 @@ class TextTask:
                 f"{jax.device_count()} devices."
             )
         token_bytes = np.asarray(self.tokenizer.token_bytes)
+        variables = state.variables()
         out: dict[str, float] = {}
         for i, source in enumerate(self.config.eval_sources):
             nats, tokens, nbytes = 0.0, 0, 0
@@ -147,10 +149,10 @@ class TextTask:
                 self.val_ids, self.config.max_len, self.stride, size
             ):
                 logits = np.asarray(
-                    predictor(
-                        state,
+                    evaluator(
+                        variables,
                         {"inputs": batch["inputs"], "mask": batch["mask"]},
-                        "default" if source == "running" else source,
+                        source=source,
                     ),
                     np.float64,
                 )
@@ -177,12 +179,15 @@ class TextTask:
         temperature: float,
         seed: int = 0,
     ) -> str:
-        """Samples ``num_tokens`` tokens after ``prompt`` (evaluation mode: the
-        norms' running or per-sample statistics), with the last ``max_len``
-        tokens as context; returns prompt + continuation."""
+        """Samples ``num_tokens`` tokens after ``prompt`` (the norms' running or
+        per-sample statistics), one sequence with the last ``max_len`` tokens as
+        context; returns prompt + continuation."""
         length = self.config.max_len
-        forward = jax.jit(
-            lambda v, t, m: model.apply(v, t, train=False, mask=m),
+        # One sequence, not spread over devices: an evaluator of its own.
+        forward = calibrate.Evaluator(
+            model,
+            inputs=lambda batch: self.model_inputs(batch, jax.random.key(0), False),
+            train=False,
         )
         variables = jax.device_get(state.variables())
         ids = list(self.tokenizer.encode(prompt)) or [int(self.val_ids[0])]
@@ -192,14 +197,16 @@ class TextTask:
             tokens = np.zeros((1, length), np.int32)
             tokens[0, : len(context)] = context
             mask = np.arange(length)[None] < len(context)
-            logits = np.asarray(forward(variables, tokens, mask), np.float64)
+            logits = np.asarray(
+                forward(variables, {"inputs": tokens, "mask": mask}), np.float64
+            )
             logits = logits[0, len(context) - 1] / max(temperature, 1e-6)
             probs = np.exp(logits - logits.max())
             ids.append(int(rng.choice(len(probs), p=probs / probs.sum())))
         return self.tokenizer.decode(ids)
 
     def finalize(
-        self, predictor: Predictor, state: TrainState, workdir: pathlib.Path
+        self, evaluator: calibrate.Evaluator, state: TrainState, workdir: pathlib.Path
     ) -> dict[str, Any]:
         plot_curves(
             workdir / "metrics.jsonl",
@@ -207,7 +214,7 @@ class TextTask:
             panels=("loss", "bits_per_byte"),
         )
         sample = self.generate(
-            predictor.model,
+            evaluator.model,
             state,
             self.config.sample_prompt,
             self.config.sample_tokens,

@@ -13,9 +13,10 @@ modules anywhere in its tree, without editing it:
 
 * :func:`precise_batch_stats` (and :func:`precise_moments`,
   :func:`batch_stats_from_moments` underneath) recompute ``batch_stats``;
-* :func:`evaluate` / :func:`make_eval_fn` run the model with its normalization
-  statistics taken from ``'running'`` (the EMA in ``batch_stats``), ``'precise'``
-  (recomputed statistics) or ``'batch'`` (the current batch's).
+* :class:`Evaluator` (and the shortcuts :func:`make_eval_fn`,
+  :func:`evaluate`) run the model with its normalization statistics taken from
+  ``'running'`` (the EMA in ``batch_stats``), ``'precise'`` (recomputed
+  statistics) or ``'batch'`` (the current batch's).
 
 Both rely on two hooks of :mod:`normjax.nn`: the context manager
 ``nn.statistics_source(source)``, which makes every batch-statistics module
@@ -342,6 +343,93 @@ def _with_precise(variables: Variables, precise_stats: Tree | None) -> dict:
     return {**variables, "batch_stats": precise_stats}
 
 
+class Evaluator:
+    """A model's outputs with its normalization statistics from a chosen source —
+    the one evaluation path of normjax: the training loop, the experiments and
+    the notebooks all evaluate through it.
+
+    ``evaluator(variables, batch, source=...)`` runs ``model.apply(variables,
+    *args, method=method, **kwargs, **apply_kwargs)`` where ``(args, kwargs) =
+    inputs(batch)``, with the statistics of every normjax batch-statistics layer
+    taken from ``source``:
+
+    * ``'running'``: the running statistics in ``variables['batch_stats']``, under
+      ``nn.statistics_source('running')`` (so even ``train=True`` evaluates);
+    * ``'precise'``: the same with ``batch_stats`` replaced by ``precise_stats``
+      (from :func:`precise_batch_stats`);
+    * ``'batch'``: the statistics of the given batch, under
+      ``nn.statistics_source('batch')``; running statistics are not updated.
+
+    The function is jitted once per statistics context and input shape (unless
+    ``jit=False``); the context is entered inside the traced function.
+
+    Args:
+      model: a Flax linen module.
+      method: as in ``model.apply``.
+      inputs: ``batch -> (args, kwargs)``, traced inside jit (e.g. image
+        standardization, masks). Default: a tuple batch is the positional
+        inputs, anything else the only one.
+      place_batch: applied to each batch before the call, outside jit (e.g.
+        placing it on a device mesh).
+      jit: jit the call.
+      apply_kwargs: passed to ``model.apply`` (e.g. ``train=False``).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        method: Callable[..., Any] | str | None = None,
+        inputs: Callable[[Any], tuple[tuple[Any, ...], dict[str, Any]]] | None = None,
+        place_batch: Callable[[Any], Any] | None = None,
+        jit: bool = True,
+        **apply_kwargs: Any,
+    ) -> None:
+        self.model = model
+        self.method = method
+        self.inputs = inputs or (lambda batch: (_as_args(batch), {}))
+        self.place_batch = place_batch
+        self.jit = jit
+        self.apply_kwargs = apply_kwargs
+        self._compiled: dict[str, Callable[..., Any]] = {}
+
+    def _apply_fn(self, context: str) -> Callable[..., Any]:
+        if context not in self._compiled:
+
+            def apply(variables: Variables, batch: Any) -> Any:
+                args, kwargs = self.inputs(batch)
+                with norms.statistics_source(context):
+                    return self.model.apply(
+                        variables,
+                        *args,
+                        method=self.method,
+                        **kwargs,
+                        **self.apply_kwargs,
+                    )
+
+            self._compiled[context] = jax.jit(apply) if self.jit else apply
+        return self._compiled[context]
+
+    def __call__(
+        self,
+        variables: Variables,
+        batch: Any,
+        *,
+        source: str = "running",
+        precise_stats: Tree | None = None,
+    ) -> Any:
+        """The model's output on ``batch`` with statistics from ``source``;
+        ``precise_stats`` is read by ``'precise'`` only."""
+        _check_source(source)
+        if source == "precise":
+            variables = _with_precise(variables, precise_stats)
+        if self.place_batch is not None:
+            batch = self.place_batch(batch)
+        return self._apply_fn("batch" if source == "batch" else "running")(
+            variables, batch
+        )
+
+
 def make_eval_fn(
     model: Any,
     *,
@@ -351,37 +439,20 @@ def make_eval_fn(
     jit: bool = True,
     **apply_kwargs: Any,
 ) -> Callable[..., Any]:
-    """``f(variables, *inputs) -> model.apply(...)`` with statistics from ``source``.
-
-    * ``'running'``: the running statistics in ``variables['batch_stats']``, under
-      ``nn.statistics_source('running')`` (so even ``train=True`` evaluates);
-    * ``'precise'``: the same with ``batch_stats`` replaced by ``precise_stats``
-      (from :func:`precise_batch_stats`);
-    * ``'batch'``: the statistics of the given batch, under
-      ``nn.statistics_source('batch')``; running statistics are not updated, so
-      ``batch_stats`` need not be mutable.
+    """``f(variables, *inputs) -> model.apply(...)`` with statistics from
+    ``source``: an :class:`Evaluator` with the source fixed.
 
     ``precise_stats`` is ignored by the other sources, so one loop can pass it to
     all three. ``method`` and ``apply_kwargs`` (e.g. ``train=False``,
-    ``mutable=[...]``) go to ``model.apply``. The function is jitted (once per
-    input shape) unless ``jit=False``; the source is fixed when it is made, and
-    entered inside the traced function, so a jitted ``f`` keeps its source.
+    ``mutable=[...]``) go to ``model.apply``.
     """
     _check_source(source)
     if source == "precise" and precise_stats is None:
         raise _missing_precise_stats()
-    context = "batch" if source == "batch" else "running"
-
-    def apply(variables: Variables, *inputs: Any) -> Any:
-        with norms.statistics_source(context):
-            return model.apply(variables, *inputs, method=method, **apply_kwargs)
-
-    apply_fn = jax.jit(apply) if jit else apply
+    evaluator = Evaluator(model, method=method, jit=jit, **apply_kwargs)
 
     def f(variables: Variables, *inputs: Any) -> Any:
-        if source == "precise":
-            variables = _with_precise(variables, precise_stats)
-        return apply_fn(variables, *inputs)
+        return evaluator(variables, inputs, source=source, precise_stats=precise_stats)
 
     return f
 
@@ -398,18 +469,10 @@ def evaluate(
 ) -> Any:
     """The model's output on ``inputs`` with normalization statistics from
     ``source`` (``'running'``, ``'precise'`` or ``'batch'``; see
-    :func:`make_eval_fn`).
+    :class:`Evaluator`).
 
     ``inputs`` is a tuple of positional inputs or the single one. Runs without
-    jit; to evaluate many batches, make the jitted function once with
-    :func:`make_eval_fn`.
+    jit; to evaluate many batches, make one :class:`Evaluator`.
     """
-    fn = make_eval_fn(
-        model,
-        source=source,
-        precise_stats=precise_stats,
-        method=method,
-        jit=False,
-        **apply_kwargs,
-    )
-    return fn(variables, *_as_args(inputs))
+    evaluator = Evaluator(model, method=method, jit=False, **apply_kwargs)
+    return evaluator(variables, inputs, source=source, precise_stats=precise_stats)

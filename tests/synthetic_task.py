@@ -62,14 +62,14 @@ class SyntheticTask:
         accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
         return loss.mean(), {"accuracy": accuracy}
 
-    def evaluate(self, predictor, state) -> dict[str, float]:
+    def evaluate(self, evaluator, state) -> dict[str, float]:
         batch = self._batch(7, 64)
-        logits = predictor(state, batch)
+        logits = evaluator(state.variables(), batch)
         return {
             "test_accuracy": float(jnp.mean(jnp.argmax(logits, -1) == batch["label"]))
         }
 
-    def finalize(self, predictor, state, workdir: pathlib.Path) -> dict[str, Any]:
+    def finalize(self, evaluator, state, workdir: pathlib.Path) -> dict[str, Any]:
         return {"finalized": True}
 
 

@@ -13,6 +13,7 @@ one device. Per-device or ghost statistics are a norm option
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -29,8 +30,8 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from normjax import nn as norms
-from normjax.power import apply_nu_updates
+from normjax import calibrate
+from normjax.functional import apply_nu_updates
 from normjax.train.checkpoint import Checkpointer
 from normjax.train.metrics import MetricsLog, progress_bar
 from normjax.train.state import TrainState, create_train_state, make_optimizer
@@ -44,7 +45,8 @@ class Task(Protocol):
 
     ``train_batch(step)`` must be a pure function of the step (so a resumed run
     sees the same batches); ``model_inputs`` runs inside jit on the device
-    (augmentation, masks); ``evaluate`` runs on the host with a ``Predictor``.
+    (augmentation, masks); ``evaluate`` runs on the host with a
+    ``calibrate.Evaluator`` (:func:`make_evaluator`).
     """
 
     def init_args(self) -> tuple[Any, ...]: ...
@@ -59,10 +61,12 @@ class Task(Protocol):
 
     def loss(self, logits: Array, batch: Batch) -> tuple[Array, dict[str, Array]]: ...
 
-    def evaluate(self, predictor: Predictor, state: TrainState) -> dict[str, float]: ...
+    def evaluate(
+        self, evaluator: calibrate.Evaluator, state: TrainState
+    ) -> dict[str, float]: ...
 
     def finalize(
-        self, predictor: Predictor, state: TrainState, workdir: pathlib.Path
+        self, evaluator: calibrate.Evaluator, state: TrainState, workdir: pathlib.Path
     ) -> dict[str, Any]: ...
 
 
@@ -100,34 +104,18 @@ def check_batch_size(batch_size: int, mesh: jax.sharding.Mesh) -> None:
         )
 
 
-class Predictor:
-    """Jitted inference of a model under a chosen statistics source.
-
-    ``predictor(state, batch, source='running')`` -> logits; sources are those of
-    ``normjax.nn.statistics_source`` plus 'default' (the model's own eval path).
-    Each source is traced once, inside its context.
-    """
-
-    def __init__(self, model: nn.Module, task: Task, mesh: jax.sharding.Mesh) -> None:
-        self.model, self.task, self.mesh = model, task, mesh
-        self._compiled: dict[str, Callable[..., Array]] = {}
-
-    def __call__(
-        self, state: TrainState, batch: Batch, source: str = "default"
-    ) -> Array:
-        if source not in self._compiled:
-            self._compiled[source] = jax.jit(self._predict_fn(source))
-        return self._compiled[source](state.variables(), shard_batch(batch, self.mesh))
-
-    def _predict_fn(self, source: str) -> Callable[..., Array]:
-        def predict(variables: dict[str, Any], batch: Batch) -> Array:
-            args, kwargs = self.task.model_inputs(batch, jax.random.key(0), False)
-            if source == "default":
-                return self.model.apply(variables, *args, train=False, **kwargs)
-            with norms.statistics_source(source):
-                return self.model.apply(variables, *args, train=False, **kwargs)
-
-        return predict
+def make_evaluator(
+    model: nn.Module, task: Task, mesh: jax.sharding.Mesh
+) -> calibrate.Evaluator:
+    """The task's evaluation path: ``evaluator(state.variables(), batch,
+    source=...)`` runs ``task.model_inputs`` and the model (``train=False``)
+    under jit, the batch placed on the mesh's ``data`` axis."""
+    return calibrate.Evaluator(
+        model,
+        inputs=lambda batch: task.model_inputs(batch, jax.random.key(0), False),
+        place_batch=functools.partial(shard_batch, mesh=mesh),
+        train=False,
+    )
 
 
 def make_train_step(
@@ -243,7 +231,7 @@ def train_and_evaluate(
         log.truncate_after(-1)
         start = 0
     train_step = jax.jit(make_train_step(model, task), donate_argnums=(0,))
-    predictor = Predictor(model, task, mesh)
+    evaluator = make_evaluator(model, task, mesh)
     step_rng = jax.random.fold_in(rng, 1)
 
     log_every = config.get("log_every", 50)
@@ -281,7 +269,7 @@ def train_and_evaluate(
             bar.update(1)
             paused = time.time()
             if eval_every and done % eval_every == 0 and done != total_steps:
-                log.write(done, "test", **task.evaluate(predictor, state))
+                log.write(done, "test", **task.evaluate(evaluator, state))
             checkpointer.save(done, state.checkpoint())
             if timer_start is not None:
                 excluded += time.time() - paused
@@ -291,8 +279,8 @@ def train_and_evaluate(
     finally:  # an interrupted run still completes the checkpoints it started.
         bar.close()
         checkpointer.close()
-    last_eval = log.write(total_steps, "test", **task.evaluate(predictor, state))
-    extra = task.finalize(predictor, state, workdir)
+    last_eval = log.write(total_steps, "test", **task.evaluate(evaluator, state))
+    extra = task.finalize(evaluator, state, workdir)
     summary = {
         "final_step": total_steps,
         **{k: v for k, v in last_eval.items() if k not in ("step", "split")},
