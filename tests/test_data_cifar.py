@@ -1,5 +1,6 @@
-"""normjax.data.cifar: loading real CIFAR-10 files, PNG decoding, augmentation,
-samplers.
+"""normjax.data.cifar: loading real CIFAR-10 files (decoded by Pillow, checked
+here against a PNG decoder written from the specification), the decoded-array
+cache, and image standardization.
 
 Tests that read the data find it through ``tfds_data.find`` (../shared/tfds,
 $TFDS_DATA_DIR, a TFDS download) and skip with the reason otherwise.
@@ -12,7 +13,6 @@ import struct
 import time
 import zlib
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -33,7 +33,7 @@ CIFAR_STD = (0.2470, 0.2435, 0.2616)
 
 @pytest.fixture(scope="module")
 def small():
-    return cifar.load_cifar10(DATA_DIR, train_subset=500, test_subset=200)
+    return cifar.load_cifar10(DATA_DIR, train_subset=500, test_subset=200, cache=False)
 
 
 @pytest.fixture(scope="module")
@@ -82,60 +82,6 @@ def reference_png_decode(png: bytes) -> np.ndarray:
         rows.append(line)
         prev = line
     return np.array(rows, np.uint8).reshape(height, width, bpp)
-
-
-def reference_png_encode(image: np.ndarray, kinds) -> bytes:
-    height, width, bpp = image.shape
-    flat = image.reshape(height, width * bpp).astype(int)
-    data = b""
-    for r, kind in enumerate(kinds):
-        prev = flat[r - 1] if r else np.zeros(width * bpp, int)
-        line = [kind]
-        for i in range(width * bpp):
-            a = flat[r, i - bpp] if i >= bpp else 0
-            c = prev[i - bpp] if i >= bpp else 0
-            line.append((flat[r, i] - _predict(kind, a, prev[i], c)) & 255)
-        data += bytes(line)
-
-    def chunk(kind, body):
-        crc = zlib.crc32(kind + body)
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
-
-    color = {1: 0, 2: 4, 3: 2, 4: 6}[bpp]
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, color, 0, 0, 0)
-    z = zlib.compress(data)
-    half = len(z) // 2  # two IDAT chunks, as the format allows
-    return (
-        cifar._PNG_SIGNATURE
-        + chunk(b"IHDR", ihdr)
-        + chunk(b"IDAT", z[:half])
-        + chunk(b"IDAT", z[half:])
-        + chunk(b"IEND", b"")
-    )
-
-
-@pytest.mark.parametrize("shape", [(9, 7, 3), (5, 4, 1), (6, 3, 4)])
-def test_png_decoder_matches_reference_for_every_filter(shape):
-    rng = np.random.default_rng(shape[0])
-    images = rng.integers(0, 256, (12, *shape), dtype=np.uint8)
-    images[0] = 255  # wrap-around extremes
-    images[1] = 0
-    pngs = [
-        reference_png_encode(img, rng.integers(0, 5, shape[0]).tolist())
-        for img in images
-    ]
-    for png, img in zip(pngs, images, strict=True):
-        np.testing.assert_array_equal(reference_png_decode(png), img)
-    np.testing.assert_array_equal(cifar._decode_pngs(pngs, shape), images)
-
-
-def test_png_decoder_rejects_unsupported():
-    png = reference_png_encode(np.zeros((4, 4, 3), np.uint8), [0] * 4)
-    with pytest.raises(ValueError, match="expected"):
-        cifar._decode_pngs([png], (4, 4, 1))
-    sixteen_bit = png[:24] + b"\x10" + png[25:]  # bit depth 16
-    with pytest.raises(ValueError, match="unsupported PNG"):
-        cifar._decode_pngs([sixteen_bit], (4, 4, 3))
 
 
 # ---------------------------------------------------------------------------------
@@ -213,12 +159,6 @@ def test_records_equal_tfds_data_source(small):
         np.testing.assert_array_equal(
             reference_png_decode(record["image"]), small.train_images[i]
         )
-    # the fast record parser agrees with TFDS's public deserialization
-    source = cifar._data_source(DATA_DIR, "test", download=False)
-    fast = cifar._read_records(source, 0, 64)
-    public = cifar._read_records_public(source, 0, 64)
-    assert fast[0] == public[0]
-    np.testing.assert_array_equal(fast[1], public[1])
 
 
 @needs_data
@@ -245,10 +185,69 @@ def test_full_dataset_counts_and_statistics(full):
     np.testing.assert_array_equal(np.bincount(full.test_labels), [1000] * 10)
     np.testing.assert_allclose(full.mean, CIFAR_MEAN, atol=1e-4)
     np.testing.assert_allclose(full.std, CIFAR_STD, atol=1e-4)
-    z = cifar.standardize(full.test_images[:2000], full.mean, full.std)
+    z = cifar.standardize_images(full.test_images[:2000], full.mean, full.std)
     assert z.dtype == jnp.float32
     np.testing.assert_allclose(z.mean((0, 1, 2)), 0, atol=0.05)
     np.testing.assert_allclose(z.std((0, 1, 2)), 1, atol=0.05)
+
+
+# ---------------------------------------------------------------------------------
+# The decoded-array cache
+
+
+@needs_data
+def test_a_second_load_reads_the_cache_not_the_images(small, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    first = cifar.load_cifar10(
+        DATA_DIR, train_subset=500, test_subset=200, cache_dir=cache
+    )
+    files = sorted(p.name for p in cache.rglob("*.npz"))
+    assert len(files) == 2 and all(".tmp" not in name for name in files)
+    data_files = {p: p.stat().st_mtime_ns for p in pathlib.Path(DATA_DIR).rglob("*")}
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("a cached split must not be decoded again")
+
+    monkeypatch.setattr(cifar, "_decode", no_decoding)
+    again = cifar.load_cifar10(
+        DATA_DIR, train_subset=500, test_subset=200, cache_dir=cache
+    )
+    for got, want in zip(
+        (again.train_images, again.train_labels, again.test_images, again.test_labels),
+        (small.train_images, small.train_labels, small.test_images, small.test_labels),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(first.train_images, small.train_images)
+    # nothing was written into the (possibly read-only) TFDS data directory
+    after = {p: p.stat().st_mtime_ns for p in pathlib.Path(DATA_DIR).rglob("*")}
+    assert after == data_files
+
+
+@needs_data
+def test_an_unreadable_cache_file_is_decoded_again(small, tmp_path):
+    cache = tmp_path / "cache"
+    cifar.load_cifar10(DATA_DIR, train_subset=500, test_subset=200, cache_dir=cache)
+    for path in cache.rglob("*.npz"):
+        path.write_bytes(b"not an npz file")
+    again = cifar.load_cifar10(
+        DATA_DIR, train_subset=500, test_subset=200, cache_dir=cache
+    )
+    np.testing.assert_array_equal(again.train_images, small.train_images)
+    np.testing.assert_array_equal(again.test_labels, small.test_labels)
+
+
+@needs_data
+def test_no_cache_writes_nothing_and_the_default_is_outside_data_dir(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setenv("NORMJAX_CACHE_DIR", str(tmp_path / "env"))
+    assert cifar.default_cache_dir() == tmp_path / "env"
+    cifar.load_cifar10(DATA_DIR, train_subset=8, test_subset=8, cache=False)
+    assert not (tmp_path / "env").exists()
+    monkeypatch.delenv("NORMJAX_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cifar.default_cache_dir() == tmp_path / "xdg" / "normjax"
 
 
 # ---------------------------------------------------------------------------------
@@ -260,200 +259,14 @@ def _images(dtype=np.uint8, shape=(6, 8, 10, 3)):
     return jnp.asarray(x.astype(dtype))
 
 
-def test_standardize_matches_numpy():
+def test_standardize_images_matches_numpy():
     x = _images()
     mean, std = np.array([0.5, 0.4, 0.3]), np.array([0.2, 0.25, 0.3])
     want = (np.asarray(x) / 255.0 - mean) / std
     for images in (x, x.astype(jnp.float32)):
-        got = cifar.standardize(images, mean, std)
+        got = cifar.standardize_images(images, mean, std)
         assert got.dtype == jnp.float32 and got.shape == x.shape
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-    assert cifar.standardize(x, mean, std, dtype=jnp.bfloat16).dtype == jnp.bfloat16
-
-
-def numpy_crop_flip(images, offsets, flips, pad, mode):
-    padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode=mode)
-    height, width = images.shape[1:3]
-    out = []
-    for image, (r, c), flip in zip(padded, offsets, flips, strict=True):
-        crop = image[r : r + height, c : c + width]
-        out.append(crop[:, ::-1] if flip else crop)
-    return np.stack(out)
-
-
-@pytest.mark.parametrize("mode", ["constant", "reflect"])
-@pytest.mark.parametrize("dtype", [np.uint8, np.float32])
-def test_crop_flip_matches_numpy(mode, dtype):
-    x = _images(dtype)
-    offsets, flips = cifar.crop_flip_params(jax.random.key(1), x.shape[0], pad=3)
-    got = cifar.crop_flip(x, offsets, flips, pad=3, mode=mode)
-    assert got.dtype == x.dtype and got.shape == x.shape
-    want = numpy_crop_flip(
-        np.asarray(x), np.asarray(offsets), np.asarray(flips), 3, mode
+    assert (
+        cifar.standardize_images(x, mean, std, dtype=jnp.bfloat16).dtype == jnp.bfloat16
     )
-    np.testing.assert_array_equal(got, want)
-
-
-def test_crop_flip_params_ranges():
-    offsets, flips = cifar.crop_flip_params(jax.random.key(0), 4096, pad=4)
-    assert offsets.shape == (4096, 2) and flips.shape == (4096,)
-    assert int(offsets.min()) == 0 and int(offsets.max()) == 8
-    assert 0.45 < float(flips.mean()) < 0.55
-    _, no_flips = cifar.crop_flip_params(jax.random.key(0), 64, flip=False)
-    assert not no_flips.any()
-
-
-def test_augment_deterministic_keeps_dtype_and_is_crop_flip():
-    x = _images(shape=(16, 32, 32, 3))
-    key = jax.random.key(7)
-    y = cifar.augment(key, x)
-    assert y.dtype == jnp.uint8 and y.shape == x.shape
-    np.testing.assert_array_equal(y, cifar.augment(key, x))
-    assert not np.array_equal(y, cifar.augment(jax.random.key(8), x))
-    offsets, flips = cifar.crop_flip_params(key, 16)
-    np.testing.assert_array_equal(y, cifar.crop_flip(x, offsets, flips))
-    y32 = jax.jit(cifar.augment)(key, x.astype(jnp.float32))
-    assert y32.dtype == jnp.float32
-    np.testing.assert_array_equal(y32, y.astype(jnp.float32))
-    identity = cifar.augment(key, x, pad=0, flip=False)
-    np.testing.assert_array_equal(identity, x)
-
-
-def test_flipping_twice_is_identity():
-    x = _images()
-    centre = jnp.full((x.shape[0], 2), 4, jnp.int32)
-    flips = jnp.ones((x.shape[0],), bool)
-    once = cifar.crop_flip(x, centre, flips)
-    np.testing.assert_array_equal(once, x[:, :, ::-1])
-    np.testing.assert_array_equal(cifar.crop_flip(once, centre, flips), x)
-
-
-# ---------------------------------------------------------------------------------
-# Samplers
-
-
-def _balanced_labels(per_class=100, classes=10, seed=0):
-    labels = np.repeat(np.arange(classes), per_class)
-    return np.random.default_rng(seed).permutation(labels)
-
-
-def test_epoch_permutation_and_batches():
-    p = cifar.epoch_permutation(0, 0, 1000)
-    np.testing.assert_array_equal(np.sort(p), np.arange(1000))
-    np.testing.assert_array_equal(p, cifar.epoch_permutation(0, 0, 1000))
-    assert not np.array_equal(p, cifar.epoch_permutation(0, 1, 1000))
-    assert not np.array_equal(p, cifar.epoch_permutation(1, 0, 1000))
-    b = cifar.batch_indices(0, 3, 1000, 64)
-    assert b.shape == (15, 64) and b.dtype == np.int32
-    np.testing.assert_array_equal(b.ravel(), cifar.epoch_permutation(0, 3, 1000)[:960])
-    b = cifar.batch_indices(0, 3, 1000, 64, drop_last=False)
-    assert b.shape == (16, 64)
-    np.testing.assert_array_equal(np.unique(b), np.arange(1000))
-
-
-def test_class_homogeneous_batches():
-    labels = _balanced_labels()
-    b = cifar.class_homogeneous_batches(labels, 25, seed=0, num_batches=80)
-    assert b.shape == (80, 25)
-    batch_class = labels[b[:, 0]]
-    assert (labels[b] == batch_class[:, None]).all()
-    for r in range(8):  # every round of 10 batches has each class once
-        np.testing.assert_array_equal(
-            np.sort(batch_class[10 * r : 10 * r + 10]), range(10)
-        )
-    # without replacement within a class: a class's first 4 batches are its 100
-    for c in range(10):
-        first = b[batch_class == c][:4].ravel()
-        assert len(np.unique(first)) == 100
-    np.testing.assert_array_equal(
-        b, cifar.class_homogeneous_batches(labels, 25, seed=0, num_batches=80)
-    )
-    assert not np.array_equal(
-        b, cifar.class_homogeneous_batches(labels, 25, seed=1, num_batches=80)
-    )
-    assert cifar.class_homogeneous_batches(labels, 32, seed=0).shape == (31, 32)
-
-
-@pytest.mark.parametrize("fraction", [0.5, 0.75, 0.9])
-def test_class_skewed_batches(fraction):
-    labels = _balanced_labels()
-    b = cifar.class_skewed_batches(labels, 40, fraction=fraction, seed=0)
-    assert b.shape == (25, 40)
-    k = round(fraction * 40)
-    counts = np.stack([np.bincount(labels[row], minlength=10) for row in b])
-    assert (counts.max(1) == k).all()
-    assert (np.sort(counts, 1)[:, -2] < k).all()  # one majority class
-    for row in b:
-        assert len(np.unique(row)) == 40
-    np.testing.assert_array_equal(
-        b, cifar.class_skewed_batches(labels, 40, fraction=fraction, seed=0)
-    )
-
-
-def _assert_covers_once(batches, n):
-    assert batches.indices.shape == batches.mask.shape
-    assert batches.batch_class.shape == (batches.indices.shape[0],)
-    np.testing.assert_array_equal(np.sort(batches.indices[batches.mask]), np.arange(n))
-    assert batches.mask.any(1).all()  # no empty batch
-
-
-def test_eval_batches_cover_once():
-    b = cifar.eval_batches(1000, 64)
-    _assert_covers_once(b, 1000)
-    assert b.indices.shape == (16, 64) and b.mask.sum() == 1000
-    assert b.mask[:-1].all() and (b.batch_class == -1).all()
-
-
-@pytest.mark.parametrize("seed", [None, 3])
-def test_class_homogeneous_eval_batches(seed):
-    labels = _balanced_labels()
-    b = cifar.class_homogeneous_eval_batches(labels, 30, seed=seed)
-    _assert_covers_once(b, len(labels))
-    assert b.indices.shape == (40, 30)  # 4 per class, the 4th padded
-    assert (labels[b.indices] == b.batch_class[:, None]).all()  # padding too
-    full = cifar.class_homogeneous_eval_batches(labels, 50, seed=seed)
-    assert full.mask.all() and full.indices.shape == (20, 50)
-
-
-@pytest.mark.parametrize("batch_size,fraction", [(100, 0.75), (50, 0.9), (200, 0.5)])
-def test_class_skewed_eval_batches_on_a_cifar_like_test_set(batch_size, fraction):
-    labels = _balanced_labels(per_class=1000)
-    b = cifar.class_skewed_eval_batches(labels, batch_size, fraction=fraction, seed=0)
-    _assert_covers_once(b, len(labels))
-    assert b.mask.all() and b.indices.shape == (10000 // batch_size, batch_size)
-    np.testing.assert_array_equal(
-        np.bincount(b.batch_class), [len(b.indices) // 10] * 10
-    )
-    k = round(fraction * batch_size)
-    majority = labels[b.indices] == b.batch_class[:, None]
-    assert (majority.sum(1) == k).all()
-    minority = np.stack([np.bincount(labels[r], minlength=10) for r in b.indices])
-    minority[np.arange(len(b.indices)), b.batch_class] = 0
-    assert minority.max() - minority[minority > 0].min() <= 2  # spread evenly
-    again = cifar.class_skewed_eval_batches(labels, batch_size, fraction=fraction)
-    np.testing.assert_array_equal(b.indices, again.indices)
-
-
-def test_class_skewed_eval_batches_cover_any_labels():
-    rng = np.random.default_rng(0)
-    for _ in range(25):
-        classes = int(rng.integers(2, 12))
-        p = rng.dirichlet(np.full(classes, rng.choice([0.3, 1.0, 10.0])))
-        labels = rng.choice(classes, int(rng.integers(2, 300)), p=p)
-        if len(np.unique(labels)) < 2:
-            continue
-        batch_size = int(rng.integers(1, 40))
-        fraction = float(rng.uniform(0.05, 1.0))
-        b = cifar.class_skewed_eval_batches(labels, batch_size, fraction=fraction)
-        _assert_covers_once(b, len(labels))
-        assert np.isin(b.batch_class, labels).all()
-
-
-def test_sampler_argument_errors():
-    labels = _balanced_labels()
-    with pytest.raises(ValueError, match="fraction"):
-        cifar.class_skewed_batches(labels, 10, fraction=1.5, seed=0)
-    with pytest.raises(ValueError, match="batch_size"):
-        cifar.eval_batches(10, 0)
-    with pytest.raises(ValueError, match="two classes"):
-        cifar.class_skewed_eval_batches(np.zeros(10, int), 5)
