@@ -22,10 +22,9 @@ import numpy as np
 import optax
 
 from experiments import common
-from normjax import models
-from normjax.data import cifar
+from normjax import calibrate, models
+from normjax.data import augment, cifar, samplers
 from normjax.train import TrainState, train_and_evaluate
-from normjax.train.loop import Predictor
 from normjax.train.plots import plot_curves
 
 Array = jax.Array
@@ -54,6 +53,7 @@ def build_model(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
                 "per_device_batch_stats."
             )
         norm_kwargs.setdefault("ghost_batch_size", ghost)
+    conv, pool = models.backend_layers(layers=config.layers)
     builders = {
         "fast_cnn": lambda: (
             models.FastCNN(
@@ -61,6 +61,8 @@ def build_model(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
                 num_classes=10,
                 norm=config.norm,
                 norm_kwargs=norm_kwargs,
+                conv=conv,
+                pool=pool,
             ),
             _whiten,
         ),
@@ -72,6 +74,7 @@ def build_model(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
                 norm=config.norm,
                 norm_kwargs=norm_kwargs,
                 zero_init_residual=config.zero_init_residual,
+                conv=conv,
             ),
             _unchanged,
         ),
@@ -89,14 +92,16 @@ def load_data(
     train_subset: int | None,
     test_subset: int | None,
     download: bool,
+    cache_dir: str | None = None,
 ) -> cifar.Cifar10:
-    """``cifar.load_cifar10``, cached: a study training many models in one process
+    """``cifar.load_cifar10``, kept: a study training many models in one process
     reads the dataset once (the arrays are never written to)."""
     return cifar.load_cifar10(
         data_dir,
         train_subset=train_subset,
         test_subset=test_subset,
         download=download,
+        cache_dir=cache_dir,
     )
 
 
@@ -109,7 +114,11 @@ class CifarTask:
         self.config = config
         self.prepare = prepare
         self.data = load_data(
-            config.data_dir, config.train_subset, config.test_subset, config.download
+            config.data_dir,
+            config.train_subset,
+            config.test_subset,
+            config.download,
+            config.get("cache_dir"),
         )
         n = len(self.data.train_labels)
         if config.batch_size > n:
@@ -126,7 +135,7 @@ class CifarTask:
 
     def _standardized(self, count: int) -> Array:
         images = jnp.asarray(self.data.train_images[:count])
-        return cifar.standardize(images, self.mean, self.std)
+        return cifar.standardize_images(images, self.mean, self.std)
 
     def init_args(self) -> tuple[Any, ...]:
         # Real images: a whitening stem computes its filters from them at init.
@@ -137,7 +146,7 @@ class CifarTask:
 
     @functools.lru_cache(maxsize=2)  # noqa: B019 - one task per run
     def _epoch_batches(self, epoch: int) -> np.ndarray:
-        return cifar.batch_indices(
+        return samplers.batch_indices(
             self.config.seed,
             epoch,
             len(self.data.train_labels),
@@ -157,8 +166,8 @@ class CifarTask:
     ) -> tuple[tuple[Any, ...], dict[str, Any]]:
         images = batch["image"]
         if train and self.config.augment:
-            images = cifar.augment(rng, images)
-        return (cifar.standardize(images, self.mean, self.std),), {}
+            images = augment.augment(rng, images)
+        return (cifar.standardize_images(images, self.mean, self.std),), {}
 
     def loss(
         self, logits: Array, batch: dict[str, Array]
@@ -170,9 +179,11 @@ class CifarTask:
         accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
         return loss, {"accuracy": accuracy}
 
-    def evaluate(self, predictor: Predictor, state: TrainState) -> dict[str, float]:
+    def evaluate(
+        self, evaluator: calibrate.Evaluator, state: TrainState
+    ) -> dict[str, float]:
         """Test accuracy and loss with each statistics source in
-        ``config.eval_sources`` ('running' is the model's own eval path), and with
+        ``config.eval_sources`` (suffixes name all but the first), and with
         horizontal-flip test-time augmentation for the first source."""
         images, labels = self.data.test_images, self.data.test_labels
         size = self.config.eval_batch_size
@@ -181,21 +192,30 @@ class CifarTask:
                 f"eval_batch_size={size} must divide the {len(labels)} test images "
                 f"and be a multiple of the {jax.device_count()} devices."
             )
-        out = {}
-        for i, source in enumerate(self.config.eval_sources):
-            logits = np.concatenate(
+        variables = state.variables()
+
+        def test_logits(source: str, flip: bool = False) -> np.ndarray:
+            return np.concatenate(
                 [
                     np.asarray(
-                        predictor(
-                            state,
-                            {"image": images[s : s + size]},
-                            "default" if source == "running" else source,
+                        evaluator(
+                            variables,
+                            {
+                                "image": images[s : s + size, :, ::-1]
+                                if flip
+                                else images[s : s + size]
+                            },
+                            source=source,
                         ),
                         np.float32,
                     )
                     for s in range(0, len(labels), size)
                 ]
             )
+
+        out = {}
+        for i, source in enumerate(self.config.eval_sources):
+            logits = test_logits(source)
             suffix = "" if i == 0 else f"_{source}"
             out[f"test_accuracy{suffix}"] = float(np.mean(logits.argmax(-1) == labels))
             log_probs = jax.nn.log_softmax(logits)
@@ -203,25 +223,12 @@ class CifarTask:
                 -np.mean(np.take_along_axis(np.asarray(log_probs), labels[:, None], 1))
             )
             if i == 0 and self.config.flip_test:
-                flipped = np.concatenate(
-                    [
-                        np.asarray(
-                            predictor(
-                                state,
-                                {"image": images[s : s + size, :, ::-1]},
-                                "default" if source == "running" else source,
-                            ),
-                            np.float32,
-                        )
-                        for s in range(0, len(labels), size)
-                    ]
-                )
-                both = logits + flipped
+                both = logits + test_logits(source, flip=True)
                 out["test_accuracy_flip"] = float(np.mean(both.argmax(-1) == labels))
         return out
 
     def finalize(
-        self, predictor: Predictor, state: TrainState, workdir: pathlib.Path
+        self, evaluator: calibrate.Evaluator, state: TrainState, workdir: pathlib.Path
     ) -> dict[str, Any]:
         plot_curves(workdir / "metrics.jsonl", workdir / "curves.png")
         return {"norm": self.config.norm, "model": self.config.model}

@@ -20,6 +20,9 @@ def base() -> ml_collections.ConfigDict:
     # absent and ``download`` is True). Our machines: ../shared/tfds.
     config.data_dir = ml_collections.FieldReference(None, field_type=str)
     config.download = True
+    # Decoded images are cached here (None: $NORMJAX_CACHE_DIR, else
+    # ~/.cache/normjax), never in data_dir.
+    config.cache_dir = ml_collections.FieldReference(None, field_type=str)
     config.train_subset = ml_collections.FieldReference(None, field_type=int)
     config.test_subset = ml_collections.FieldReference(None, field_type=int)
     config.norm = "batch"
@@ -36,6 +39,9 @@ def base() -> ml_collections.ConfigDict:
     config.depth = 20
     config.width = 16
     config.zero_init_residual = False
+    # Convolution and max-pool: 'auto' (normjax's CPU-fast ones on the CPU
+    # backend, flax.linen's on GPU/TPU), 'fast' or 'flax'.
+    config.layers = "auto"
     config.augment = True
     config.label_smoothing = 0.0
     config.batch_size = 128

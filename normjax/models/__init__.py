@@ -1,16 +1,10 @@
-"""Models that take their norm by registry name (CIFAR convnets, a GPT-style
-decoder), and fast CPU layers."""
+"""Models that take their norm by registry name — CIFAR convnets (ResNet,
+FastCNN) and a GPT-style decoder — and fast CPU layers."""
 
-from normjax.models.common import norm_layer
-from normjax.models.layers import Conv, conv2d, max_pool_2x2
-from normjax.models.resnet import (
-    BasicBlock,
-    FastCNN,
-    ResNet,
-    Whitening,
-    init_whitening,
-    whitening_kernel,
-)
+from normjax.models.common import image_mask, norm_layer
+from normjax.models.fastcnn import FastCNN, Whitening, init_whitening, whitening_kernel
+from normjax.models.layers import Conv, backend_layers, conv2d, max_pool_2x2
+from normjax.models.resnet import BasicBlock, ResNet
 from normjax.models.transformer import Block, CausalSelfAttention, Transformer
 
 __all__ = [
@@ -22,7 +16,9 @@ __all__ = [
     "ResNet",
     "Transformer",
     "Whitening",
+    "backend_layers",
     "conv2d",
+    "image_mask",
     "init_whitening",
     "max_pool_2x2",
     "norm_layer",

@@ -10,12 +10,15 @@ select-and-scatter: forward+backward 8-11x faster than ``flax.linen.max_pool``.
 Together they make a FastCNN train step 1.8x faster on 2 CPU cores. Both give
 Flax's results to float32 rounding (pooling exactly, gradient included) and keep
 its variables. Measured with ``python -m benchmarks.conv``.
+
+They are for XLA:CPU: :func:`backend_layers` gives the models these on the CPU
+backend and ``flax.linen.Conv`` / ``max_pool`` (native kernels) on GPU and TPU.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -311,3 +314,33 @@ def _max_pool_bwd(residuals: tuple[Array, Array], dy: Array) -> tuple[Array]:
 
 
 max_pool_2x2.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
+def flax_max_pool_2x2(x_NxHxWxC: Array) -> Array:
+    """``flax.linen.max_pool`` over 2x2 windows with stride 2 (VALID)."""
+    return nn.max_pool(x_NxHxWxC, (2, 2), strides=(2, 2))
+
+
+LAYERS = ("auto", "fast", "flax")
+
+
+def backend_layers(
+    conv: Callable[..., nn.Module] | None = None,
+    pool: Callable[[Array], Array] | None = None,
+    *,
+    layers: str = "auto",
+) -> tuple[Callable[..., nn.Module], Callable[[Array], Array]]:
+    """The convolution module and 2x2 max-pool a model uses; given ones are kept.
+
+    ``layers``: 'fast' (:class:`Conv`, :func:`max_pool_2x2`), 'flax'
+    (``flax.linen.Conv``, ``flax.linen.max_pool``), or 'auto': 'fast' on the CPU
+    backend (``jax.default_backend() == 'cpu'``), 'flax' on GPU and TPU, whose
+    native kernels are what those users expect.
+    """
+    if layers not in LAYERS:
+        raise ValueError(f"layers={layers!r}: use one of {', '.join(LAYERS)}.")
+    if layers == "auto":
+        layers = "fast" if jax.default_backend() == "cpu" else "flax"
+    if layers == "fast":
+        return conv or Conv, pool or max_pool_2x2
+    return conv or nn.Conv, pool or flax_max_pool_2x2
