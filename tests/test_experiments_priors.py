@@ -11,6 +11,8 @@ import tfds_data
 
 from experiments import priors
 from experiments.configs import priors as configs
+from experiments.priors import cifar_eval, report, runs
+from experiments.priors import text as priors_text
 from normjax.models import FastCNN, max_pool_2x2
 
 CIFAR_DIR, _WHY_CIFAR = tfds_data.find("cifar10")
@@ -40,11 +42,11 @@ def test_smoke_study_writes_every_table_and_plot_and_resumes(tmp_path, monkeypat
         assert heading in markdown
 
     # 1. every source for every norm; per-sample rows invariant across sources
-    columns = priors._probe_columns(config)
+    columns = report.probe_columns(config)
     for norm in config.probe_norms:
         sources = results["probe"][norm][0]
         assert list(sources) == columns
-        if priors._is_per_sample(norm):
+        if report.is_per_sample(norm):
             assert all(r["max_logit_change"] < 1e-4 for r in sources.values())
             assert len({r["accuracy"] for r in sources.values()}) == 1
     # batch norm's predictions do move with the batch (the probe has teeth)
@@ -76,8 +78,8 @@ def test_smoke_study_writes_every_table_and_plot_and_resumes(tmp_path, monkeypat
     def no_training(*args, **kwargs):
         raise AssertionError("finished runs must be skipped")
 
-    monkeypatch.setattr(priors.cifar_experiment, "train", no_training)
-    monkeypatch.setattr(priors.text_experiment, "run", no_training)
+    monkeypatch.setattr(cifar_eval.cifar_experiment, "train", no_training)
+    monkeypatch.setattr(priors_text.text_experiment, "run", no_training)
     again = priors.run_study(config, str(tmp_path))
     for part in ("probe", "stats", "sweep", "text"):
         assert again[part] == results[part]
@@ -158,7 +160,7 @@ def test_presets_give_three_seeds_outside_smoke():
         configs.get_config("medium")
 
 
-@pytest.mark.skipif(priors.fcntl is None, reason="run locks need POSIX flock")
+@pytest.mark.skipif(runs.fcntl is None, reason="run locks need POSIX flock")
 def test_a_run_another_process_holds_is_skipped_until_that_process_dies(tmp_path):
     run_dir = tmp_path / "runs" / "sweep_batch_b2_s0"
     calls = []
@@ -167,7 +169,7 @@ def test_a_run_another_process_holds_is_skipped_until_that_process_dies(tmp_path
         calls.append(tag)
         return {"tag": tag}
 
-    assert priors._claimed(run_dir, run, "first") == {"tag": "first"}
+    assert runs.claimed(run_dir, run, "first") == {"tag": "first"}
     holder = subprocess.Popen(
         [
             sys.executable,
@@ -184,19 +186,19 @@ def test_a_run_another_process_holds_is_skipped_until_that_process_dies(tmp_path
     )
     try:
         assert holder.stdout.readline().strip() == "held"
-        assert priors._claimed(run_dir, run, "while held") is None
+        assert runs.claimed(run_dir, run, "while held") is None
     finally:
         holder.kill()  # SIGKILL: no clean-up, the kernel drops the lock
         holder.wait()
-    assert priors._claimed(run_dir, run, "after") == {"tag": "after"}
+    assert runs.claimed(run_dir, run, "after") == {"tag": "after"}
     assert calls == ["first", "after"]
 
 
 def test_text_plots_and_headline_use_the_evaluation_that_matches_training():
     # batch norm and bln normalize with the batch's causal statistics in training;
     # power norm (and causal='running') with running statistics.
-    assert priors._as_trained("batch") == "val_bits_per_byte_batch"
-    assert priors._as_trained("batch:per_position") == "val_bits_per_byte_batch"
-    assert priors._as_trained("bln") == "val_bits_per_byte_batch"
-    assert priors._as_trained("power") == "val_bits_per_byte"
-    assert priors._as_trained("batch:running") == "val_bits_per_byte"
+    assert priors_text.as_trained("batch") == "val_bits_per_byte_batch"
+    assert priors_text.as_trained("batch:per_position") == "val_bits_per_byte_batch"
+    assert priors_text.as_trained("bln") == "val_bits_per_byte_batch"
+    assert priors_text.as_trained("power") == "val_bits_per_byte"
+    assert priors_text.as_trained("batch:running") == "val_bits_per_byte"

@@ -1,0 +1,124 @@
+"""Run scheduling: where each run lives, locks that let several processes share
+one study, atomic JSON records, and the per-run configurations."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from collections.abc import Callable
+from typing import Any
+
+import ml_collections
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no run locks, run one study process at a time
+    fcntl = None  # type: ignore[assignment]
+
+PARTS = ("probe", "stats", "sweep", "text")
+
+
+def parts_of(config: ml_collections.ConfigDict) -> set[str]:
+    parts = {p.strip() for p in str(config.parts).split(",") if p.strip()}
+    unknown = parts - set(PARTS)
+    if unknown:
+        raise ValueError(
+            f"unknown parts {sorted(unknown)}; use a comma-separated subset of "
+            f"{', '.join(PARTS)}."
+        )
+    return parts
+
+
+def read_json(path: pathlib.Path) -> Any:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def claimed(
+    run_dir: pathlib.Path, run: Callable[..., Any], *args: Any, **kwargs: Any
+) -> Any:
+    """``run(*args, **kwargs)`` while holding ``run_dir``'s lock, or None
+    (without running) when another process holds it: several processes can work
+    through one study, each run taken by one. The lock is ``flock``'s, so a
+    killed process leaves none behind."""
+    if fcntl is None:
+        return run(*args, **kwargs)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "LOCK", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"[priors] {run_dir.name}: another process runs it", flush=True)
+            return None
+        return run(*args, **kwargs)  # the lock goes with the file
+
+
+def run_or_read(
+    path: pathlib.Path,
+    run_now: bool,
+    run: Callable[..., Any],
+    *args: Any,
+    **kwargs: Any,
+) -> Any:
+    """A run's record: ``run(*args, **kwargs)`` when ``run_now`` and no other
+    process holds the run, else what it wrote to ``path`` so far (None: nothing)."""
+    record = claimed(path.parent, run, *args, **kwargs) if run_now else None
+    return read_json(path) if record is None else record
+
+
+def write_json(path: pathlib.Path, value: Any) -> None:
+    """Atomic: a killed study never leaves a half-written results file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2, allow_nan=True) + "\n")
+    tmp.replace(path)
+
+
+def cifar_config(
+    config: ml_collections.ConfigDict, norm: str, seed: int
+) -> ml_collections.ConfigDict:
+    run = ml_collections.ConfigDict(config.cifar.to_dict())
+    run.data_dir = config.data_dir
+    run.norm = norm
+    run.seed = seed
+    return run
+
+
+def seeds_of(config: ml_collections.ConfigDict) -> list[int]:
+    seeds = list(config.seeds)
+    if not seeds:
+        raise ValueError("config.seeds is empty; give at least one seed.")
+    return seeds
+
+
+@dataclasses.dataclass
+class Study:
+    """A study's configuration and workdir; each run in ``runs/<name>/``."""
+
+    config: ml_collections.ConfigDict
+    workdir: pathlib.Path
+
+    def run_dir(self, name: str) -> pathlib.Path:
+        return self.workdir / "runs" / name
+
+    def probe_dir(self, norm: str, seed: int) -> pathlib.Path:
+        return self.run_dir(f"probe_{norm}_s{seed}")
+
+    def sweep_dir(self, norm: str, batch_size: int, seed: int) -> pathlib.Path:
+        return self.run_dir(f"sweep_{norm}_b{batch_size}_s{seed}")
+
+    def text_dir(
+        self,
+        variant: str,
+        tokenizer: str,
+        seed: int,
+        *,
+        max_len: int | None = None,
+        batch_size: int | None = None,
+    ) -> pathlib.Path:
+        norm, _, causal = variant.partition(":")
+        tags = [f"text_{norm}{'_' + causal if causal else ''}_{tokenizer}"]
+        if max_len is not None:
+            tags.append(f"L{max_len}")
+        if batch_size is not None:
+            tags.append(f"b{batch_size}")
+        return self.run_dir("_".join([*tags, f"s{seed}"]))

@@ -1,0 +1,151 @@
+"""The study itself: run the parts asked for, then rebuild every table and plot
+from what is on disk."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import pathlib
+import sys
+from typing import Any
+
+import ml_collections
+
+from experiments import common
+from experiments.priors.cifar_eval import probe_run, sweep_run
+from experiments.priors.plots import write_plots
+from experiments.priors.report import machine, write_markdown
+from experiments.priors.runs import (
+    Study,
+    parts_of,
+    run_or_read,
+    seeds_of,
+    write_json,
+)
+from experiments.priors.text import text_jobs, text_key, text_run
+from normjax import registry
+
+
+def run_study(
+    config: ml_collections.ConfigDict, workdir: str, command: str | None = None
+) -> dict[str, Any]:
+    """Runs the parts in ``config.parts`` (skipping finished runs), then rebuilds
+    ``results.json``, ``results.md`` and the plots from every run on disk.
+    ``command`` is recorded at the top of the results (default: this call)."""
+    for name in [*config.probe_norms, *config.sweep_norms]:
+        registry.entry(name)
+    for variant in [*config.text_norms, *config.context_norms]:
+        registry.entry(variant.partition(":")[0])
+    parts = parts_of(config)
+    study = Study(config, pathlib.Path(workdir))
+    study.workdir.mkdir(parents=True, exist_ok=True)
+    seeds = seeds_of(config)
+    results: dict[str, Any] = {"probe": {}, "stats": {}, "sweep": {}, "text": {}}
+    # Text runs (finished or not) by directory: reused runs count once.
+    text_runs: dict[pathlib.Path, bool] = {}
+
+    # 1-2.
+    for norm in config.probe_norms:
+        for seed in seeds:
+            record = run_or_read(
+                study.probe_dir(norm, seed) / "probe.json",
+                bool(parts & {"probe", "stats"}),
+                probe_run,
+                study,
+                norm,
+                seed,
+                parts,
+            )
+            if not record:
+                continue
+            if "sources" in record:
+                results["probe"].setdefault(norm, {})[seed] = record["sources"]
+            if "statistics" in record:
+                results["stats"].setdefault(norm, {})[seed] = record["statistics"]
+    # 3-4.
+    for norm in config.sweep_norms:
+        for size in config.sweep_batch_sizes:
+            for seed in seeds:
+                record = run_or_read(
+                    study.sweep_dir(norm, size, seed) / "sweep.json",
+                    "sweep" in parts,
+                    sweep_run,
+                    study,
+                    norm,
+                    size,
+                    seed,
+                )
+                if record:
+                    results["sweep"].setdefault(norm, {}).setdefault(size, {})[seed] = (
+                        record
+                    )
+    # 5. The longest runs (the context sweep) last.
+    for kind, variant, tokenizer, extra in text_jobs(config):
+        # A context length or batch size equal to the text preset's is the
+        # tokenizer comparison's run: reuse it.
+        same = {k: v for k, v in extra.items() if config.text[k] == v}
+        extra_run = {k: v for k, v in extra.items() if k not in same}
+        for seed in seeds:
+            run_dir = study.text_dir(variant, tokenizer, seed, **extra_run)
+            summary = run_or_read(
+                run_dir / "summary.json",
+                "text" in parts,
+                text_run,
+                study,
+                variant,
+                tokenizer,
+                seed,
+                **extra_run,
+            )
+            text_runs[run_dir] = bool(summary)
+            if summary:
+                key = text_key(kind, variant, tokenizer, extra)
+                results["text"].setdefault(key, {})[seed] = {
+                    "val_bits_per_byte": summary["val_bits_per_byte"],
+                    "val_bits_per_byte_batch": summary.get("val_bits_per_byte_batch"),
+                }
+    probe_done = sum(map(len, results["probe"].values()))
+    sweep_done = sum(len(r) for n in results["sweep"].values() for r in n.values())
+    sweep_planned = len(config.sweep_norms) * len(config.sweep_batch_sizes) * len(seeds)
+    header = {
+        "command": command or f"experiments.priors.run_study(config, {workdir!r})",
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime(
+            "%Y-%m-%d %H:%M UTC"
+        ),
+        "machine": machine(),
+        "seeds": seeds,
+        # Finished of planned runs per part, for the header of partial results.
+        "finished_runs": {
+            "probe": f"{probe_done}/{len(config.probe_norms) * len(seeds)}",
+            "sweep": f"{sweep_done}/{sweep_planned}",
+            "text": f"{sum(text_runs.values())}/{len(text_runs)}",
+        },
+    }
+    out = {
+        "header": header,
+        "config": json.loads(config.to_json_best_effort()),
+        **results,
+    }
+    write_json(study.workdir / "results.json", out)
+    write_markdown(out, config, study.workdir / "results.md")
+    write_plots(out, config, study.workdir)
+    return out
+
+
+def main() -> None:
+    """``python -m experiments.priors --config=...:quick --workdir=...``."""
+
+    def run(config: ml_collections.ConfigDict, workdir: str) -> None:
+        # The command without --config.parts: the parts are run (and the tables
+        # rebuilt) by the same command with the parts named.
+        args, argv = [], iter(sys.argv[1:])
+        for arg in argv:
+            if arg == "--config.parts":
+                next(argv, None)  # its value, given as the next argument
+            elif not arg.startswith("--config.parts="):
+                args.append(arg)
+        command = "python -m experiments.priors " + " ".join(args)
+        run_study(config, workdir, command=command)
+        print((pathlib.Path(workdir) / "results.md").read_text())
+
+    common.run_with_flags("experiments/configs/priors.py:quick", run)
