@@ -85,7 +85,7 @@ for collection in ("params", "batch_stats"):
         print(f"{name:40s} {str(leaf.shape):14s} {leaf.dtype}")
 
 # %%
-images = cifar.standardize(
+images = cifar.standardize_images(
     jnp.asarray(task.data.train_images[:2048]), task.mean, task.std
 )
 print(
@@ -131,7 +131,9 @@ for layer in layers:
         f"running / precise var = {ratio:.3f}"
     )
 
-test_x = cifar.standardize(jnp.asarray(task.data.test_images), task.mean, task.std)
+test_x = cifar.standardize_images(
+    jnp.asarray(task.data.test_images), task.mean, task.std
+)
 test_y = task.data.test_labels
 for source in calibrate.SOURCES:
     logits = calibrate.evaluate(

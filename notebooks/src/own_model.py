@@ -27,8 +27,8 @@ from normjax.data import cifar
 SHARED = pathlib.Path("../../shared/tfds")
 DATA_DIR = str(SHARED) if SHARED.exists() else os.environ.get("TFDS_DATA_DIR")
 data = cifar.load_cifar10(DATA_DIR, train_subset=4096, test_subset=1000, download=True)
-x_train = np.asarray(cifar.standardize(data.train_images, data.mean, data.std))
-x_test = np.asarray(cifar.standardize(data.test_images, data.mean, data.std))
+x_train = np.asarray(cifar.standardize_images(data.train_images, data.mean, data.std))
+x_test = np.asarray(cifar.standardize_images(data.test_images, data.mean, data.std))
 x_train, x_test = x_train.reshape(len(x_train), -1), x_test.reshape(len(x_test), -1)
 y_train, y_test = data.train_labels, data.test_labels
 print(x_train.shape, x_test.shape)
@@ -37,8 +37,9 @@ print(x_train.shape, x_test.shape)
 # ## 1. The functional API: batch statistics in your hands
 #
 # A two-layer MLP written by hand. `F.batch_norm(x, params, batch_stats,
-# train=...)` returns the output and the new running statistics; the train step
-# carries them explicitly, so nothing is hidden in a framework's state.
+# train=...)` returns the output `y`, the new running statistics `batch_stats`
+# and the batch `moments` behind them; the train step carries the statistics
+# explicitly, so nothing is hidden in a framework's state.
 
 
 # %%
@@ -55,10 +56,8 @@ def init(key, sizes=(3072, 256, 10)):
 
 def forward(params, batch_stats, x, train):
     h = x @ params["w1"]
-    h, batch_stats = F.batch_norm(
-        h, params["bn"], batch_stats, train=train, momentum=0.9
-    )
-    return jax.nn.relu(h) @ params["w2"], batch_stats
+    out = F.batch_norm(h, params["bn"], batch_stats, train=train, momentum=0.9)
+    return jax.nn.relu(out.y) @ params["w2"], out.batch_stats
 
 
 tx = optax.adam(1e-3)

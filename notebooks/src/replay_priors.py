@@ -33,7 +33,7 @@ from experiments import priors
 from experiments.configs import cifar as cifar_configs
 from experiments.configs import priors as priors_configs
 from normjax import calibrate
-from normjax.data import cifar
+from normjax.data import cifar, samplers
 
 SHARED = pathlib.Path("../../shared/tfds")
 DATA_DIR = str(SHARED) if SHARED.exists() else os.environ.get("TFDS_DATA_DIR")
@@ -111,9 +111,11 @@ else:
     run_config.num_steps, run_config.eval_batch_size = 300, 500
 _, model, task, state = cifar_experiment.train(run_config, str(run_dir))
 variables = jax.device_get(state.variables())
-test_x = cifar.standardize(jnp.asarray(task.data.test_images), task.mean, task.std)
+test_x = cifar.standardize_images(
+    jnp.asarray(task.data.test_images), task.mean, task.std
+)
 test_y = task.data.test_labels
-train_x = cifar.standardize(
+train_x = cifar.standardize_images(
     jnp.asarray(task.data.train_images[:1024]), task.mean, task.std
 )
 precise = calibrate.precise_batch_stats(
@@ -135,8 +137,8 @@ def accuracy(source, batches):
     return float(np.mean(logits.argmax(-1) == test_y))
 
 
-mixed = cifar.eval_batches(len(test_y), 50)
-homogeneous = cifar.class_homogeneous_eval_batches(test_y, 10, seed=0)
+mixed = samplers.eval_batches(len(test_y), 50)
+homogeneous = samplers.class_homogeneous_eval_batches(test_y, 10, seed=0)
 for source in calibrate.SOURCES:
     print(f"{source:8s} statistics, mixed batches of 50: {accuracy(source, mixed):.3f}")
 print(f"batch statistics, single-class batches: {accuracy('batch', homogeneous):.3f}")
