@@ -26,29 +26,32 @@ import optax
 from experiments import common
 from normjax import calibrate, models, registry
 from normjax.data import text
+from normjax.functional import CAUSAL_MODES, Causal
 from normjax.train import TrainState, train_and_evaluate
 from normjax.train.plots import plot_curves
 
 Array = jax.Array
 
-CAUSAL = {"cumulative": True, "per_position": "per_position", "running": "running"}
 
-
-def _causal(config: ml_collections.ConfigDict) -> bool | str:
+def _causal(config: ml_collections.ConfigDict) -> Causal:
+    """The norms' causal mode: 'off' (False) or one of ``CAUSAL_MODES``."""
     if config.causal == "off":
         return False
-    if config.causal not in CAUSAL:
+    if config.causal not in CAUSAL_MODES:
         raise ValueError(
             f"unknown causal mode {config.causal!r}; use one of "
-            f"{', '.join([*CAUSAL, 'off'])}."
+            f"{', '.join([*CAUSAL_MODES, 'off'])}."
         )
-    return CAUSAL[config.causal]
+    return config.causal
 
 
 def build_model(
     config: ml_collections.ConfigDict, vocab_size: int
 ) -> models.Transformer:
-    """The decoder of ``config`` with every norm named ``config.norm``."""
+    """The decoder of ``config`` with every norm named ``config.norm``; a norm
+    option or causal mode the norm does not take is refused here, by name."""
+    causal = _causal(config)
+    registry.make_norm(config.norm, causal=causal, **common.norm_kwargs(config))
     return models.Transformer(
         vocab_size=vocab_size,
         num_layers=config.num_layers,
@@ -57,7 +60,7 @@ def build_model(
         max_len=config.max_len,
         norm=config.norm,
         norm_kwargs=common.norm_kwargs(config),
-        causal=_causal(config),
+        causal=causal,
         mlp_ratio=config.mlp_ratio,
         dropout_rate=config.dropout_rate,
         tie_embeddings=config.tie_embeddings,

@@ -378,6 +378,36 @@ def test_jitted_eval_fns_keep_their_source(mlp_setup):
     np.testing.assert_allclose(plain(variables, x), expected["running"])
 
 
+def test_one_evaluator_serves_every_source_with_inputs_and_placement(mlp_setup):
+    model, variables, precise, x = mlp_setup
+    placed = []
+
+    def place(batch):
+        placed.append(batch["x"].shape)
+        return batch
+
+    traced = []
+
+    def inputs(batch):  # runs inside jit: a traced shift of the raw batch
+        traced.append(type(batch["x"]))
+        return (batch["x"] + batch["shift"],), {"train": False}
+
+    evaluator = calibrate.Evaluator(model, inputs=inputs, place_batch=place)
+    batch = {"x": x - 1.0, "shift": jnp.float32(1.0)}
+    for source in calibrate.SOURCES:
+        y = evaluator(variables, batch, source=source, precise_stats=precise)
+        want = calibrate.evaluate(
+            model, variables, x, source=source, precise_stats=precise, train=False
+        )
+        np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+    assert placed == [x.shape] * 3
+    # traced once per statistics context ('precise' reuses 'running'), never eagerly
+    assert len(traced) == 2
+    assert all(issubclass(t, jax.core.Tracer) for t in traced)
+    evaluator(variables, batch, source="batch")
+    assert len(traced) == 2
+
+
 def test_per_sample_model_is_the_same_under_every_source():
     model = PerSample()
     batches = _batches((3,), sizes=[5, 5], seed=10)

@@ -116,3 +116,18 @@ def test_ghost_and_per_device_statistics_reach_the_norm():
     config.norm = "layer"
     with pytest.raises(ValueError, match="no per-device or ghost batch statistics"):
         experiment.build_model(config)
+
+
+def test_layers_follow_the_backend_unless_the_config_says():
+    import flax.linen as nn
+
+    from normjax.models import layers
+
+    config = configs.get_config("tiny")
+    model, _ = experiment.build_model(config)
+    assert (model.conv, model.pool) == (layers.Conv, layers.max_pool_2x2)  # CPU
+    config.layers = "flax"
+    model, _ = experiment.build_model(config)
+    assert model.conv is nn.Conv and model.pool is layers.flax_max_pool_2x2
+    config.model = "resnet"
+    assert experiment.build_model(config)[0].conv is nn.Conv

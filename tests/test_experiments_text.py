@@ -125,6 +125,10 @@ def test_bad_names_are_clear_errors(tmp_path):
         experiment.run(tiny(norm="btach"), str(tmp_path / "a"))
     with pytest.raises(ValueError, match="unknown causal mode 'future'"):
         experiment.build_model(tiny(causal="future"), 10)
+    with pytest.raises(ValueError, match="its causal modes are: False, 'cumulative'"):
+        experiment.build_model(tiny(norm="layer", causal="per_position"), 10)
+    model = experiment.build_model(tiny(norm="batch", causal="per_position"), 10)
+    assert model.causal == "per_position"
 
 
 def test_presets():

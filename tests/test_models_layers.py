@@ -230,3 +230,17 @@ def test_benchmark_runs(capsys):
         assert row["flax_ms"] > 0 and row["normjax_ms"] > 0
         assert row["max_abs_diff"] < 1e-3
     assert "ResNet down2" in capsys.readouterr().out
+
+
+def test_backend_layers_choose_fast_layers_on_cpu_and_flax_ones_on_request():
+    assert layers.backend_layers() == (layers.Conv, layers.max_pool_2x2)
+    assert layers.backend_layers(layers="fast") == (layers.Conv, layers.max_pool_2x2)
+    conv, pool = layers.backend_layers(layers="flax")
+    assert conv is nn.Conv
+    x = jax.random.normal(jax.random.key(0), (2, 7, 9, 3))
+    np.testing.assert_array_equal(pool(x), nn.max_pool(x, (2, 2), strides=(2, 2)))
+    np.testing.assert_array_equal(pool(x), layers.max_pool_2x2(x))
+    # given layers are kept, whatever the backend
+    assert layers.backend_layers(nn.Conv, layers="fast")[0] is nn.Conv
+    with pytest.raises(ValueError, match="auto, fast, flax"):
+        layers.backend_layers(layers="gpu")

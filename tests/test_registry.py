@@ -159,3 +159,71 @@ def test_register_a_norm_and_use_it_in_a_model():
         normjax.registry.unregister("halve")
     with pytest.raises(ValueError, match="non-empty string"):
         normjax.registry.register("", Halve)
+
+
+def test_statistics_are_an_enum_that_reads_as_text():
+    batch = normjax.registry.entry("batch").statistics
+    assert batch is normjax.registry.Statistics.BATCH and batch == "batch"
+    assert str(normjax.registry.entry("prior").statistics) == "per sample + population"
+    assert normjax.registry.entry("layer").statistics.per_sample
+    assert normjax.registry.entry("none").statistics.per_sample
+    assert not normjax.registry.entry("power").statistics.per_sample
+    with pytest.raises(ValueError, match="is not a valid Statistics"):
+        normjax.registry.register("odd", nn.LayerNorm, statistics="sometimes")
+    assert "odd" not in normjax.names()
+
+
+def test_make_norm_passes_flax_name_through():
+    class Net(flax_nn.Module):
+        @flax_nn.compact
+        def __call__(self, x):
+            return normjax.make_norm("layer", name="my_norm")(x)
+
+    variables = Net().init(jax.random.key(0), jnp.ones((2, 4)))
+    assert set(variables["params"]) == {"my_norm"}
+
+
+@pytest.mark.parametrize(
+    "name,causal,supported",
+    [
+        ("layer", "per_position", "False, 'cumulative'"),
+        ("instance", "running", "False, 'cumulative'"),
+        ("group", "per_position", "False, 'cumulative'"),
+        ("prior", "running", "False, 'cumulative'"),
+        ("prior", "per_position", "False, 'cumulative'"),
+    ],
+)
+def test_a_causal_mode_a_norm_does_not_support_is_refused_by_name(
+    name, causal, supported
+):
+    with pytest.raises(ValueError, match=f"its causal modes are: {supported}"):
+        normjax.make_norm(name, causal=causal)
+    # the module built directly refuses it too, when called
+    module = normjax.registry.entry(name).module(causal=causal)
+    x = jnp.ones((2, 5, 16))
+    with pytest.raises(ValueError, match=f"its causal modes are: {supported}"):
+        module.init(jax.random.key(0), x, use_running_average=False)
+    with pytest.raises(ValueError, match="not a causal mode"):
+        normjax.make_norm(name, causal="future")
+
+
+@pytest.mark.parametrize("causal", [True, "cumulative", "per_position", "running"])
+def test_batch_statistics_norms_take_every_causal_mode(causal):
+    for name in ("batch", "batch_renorm", "bln", "power", "none"):
+        norm = normjax.make_norm(name, causal=causal)
+        assert norm.causal == ("cumulative" if causal is True else causal)
+
+
+def test_a_custom_norm_without_a_causal_field_refuses_causal_modes():
+    class Plain(flax_nn.Module):
+        @flax_nn.compact
+        def __call__(self, x, use_running_average=None, mask=None):
+            return x
+
+    normjax.registry.register("plain_test", Plain)
+    try:
+        assert isinstance(normjax.make_norm("plain_test"), Plain)
+        with pytest.raises(ValueError, match="its causal modes are: False."):
+            normjax.make_norm("plain_test", causal=True)
+    finally:
+        normjax.registry.unregister("plain_test")

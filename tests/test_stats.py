@@ -223,3 +223,33 @@ def test_moments_exact_whichever_pass_runs(offset, masked):
     np.testing.assert_allclose(
         batched[:, 0, 0, :], np.var(np.asarray(x32, np.float64), 0), rtol=2e-5
     )
+
+
+def test_mean_var_of_moments_and_masked_sum_select_out_padding():
+    x = np.array([[1.0, 2.0, np.nan], [4.0, np.inf, 6.0]], np.float32)
+    mask = np.isfinite(x)
+    total = stats.masked_sum(jnp.asarray(x), 1, mask=jnp.asarray(mask))
+    np.testing.assert_array_equal(total, [[3.0], [10.0]])
+    m = stats.moments(np.where(mask, x, 0.0), 1, mask=mask)
+    mv = stats.mean_var(m)
+    assert isinstance(mv, stats.MeanVar)
+    np.testing.assert_allclose(mv.mean, [[1.5], [5.0]])
+    np.testing.assert_allclose(mv.var, [[0.25], [1.0]])
+    np.testing.assert_allclose(stats.mean_var(m, ddof=1).var, [[0.5], [2.0]])
+    # pooled over a mapped axis: the sum over both "devices"
+    parts = jnp.arange(6.0).reshape(2, 3)
+    pooled = jax.vmap(lambda p: stats.masked_sum(p, 0, axis_name="d"), axis_name="d")
+    np.testing.assert_array_equal(pooled(parts), [[15.0], [15.0]])
+
+
+def test_safe_div_and_masked_ema():
+    np.testing.assert_array_equal(
+        stats.safe_div(jnp.array([1.0, 2.0]), jnp.array([2.0, 0.0])), [0.5, 0.0]
+    )
+    grad = jax.grad(lambda d: stats.safe_div(1.0, d))(0.0)
+    assert np.isfinite(grad)
+    running = jnp.array([1.0, 1.0])
+    new = stats.ema(
+        running, jnp.array([3.0, 3.0]), 0.75, valid=jnp.array([True, False])
+    )
+    np.testing.assert_allclose(new, [1.5, 1.0])
