@@ -9,6 +9,8 @@ import pytest
 
 from benchmarks import norms
 
+pytestmark = pytest.mark.slow  # benchmark runs, some in subprocesses
+
 
 def test_benchmark_table_and_json(tmp_path, capsys):
     out = tmp_path / "bench.json"

@@ -21,7 +21,7 @@ import tfds_data
 from normjax.data import cifar
 
 DATA_DIR, _WHY = tfds_data.find("cifar10")
-needs_data = pytest.mark.skipif(DATA_DIR is None, reason=_WHY)
+needs_data = tfds_data.needs("cifar10")
 
 # sha256 of the first 100 train / test images as loaded, checked equal to Pillow's
 # decoding of all 60 000 images when this test was written.

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from normjax.data import text
 
 DATA_DIR, _WHY = tfds_data.find("tiny_shakespeare")
-needs_data = pytest.mark.skipif(DATA_DIR is None, reason=_WHY)
+needs_data = tfds_data.needs("tiny_shakespeare")
 
 SAMPLE = (
     "First Citizen:\nBefore we proceed any further, hear me speak.\n\n"

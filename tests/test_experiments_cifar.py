@@ -16,7 +16,7 @@ from experiments.configs import cifar as configs
 from normjax.data.cifar import DataNotFoundError
 
 DATA_DIR, _WHY = tfds_data.find("cifar10")
-needs_data = pytest.mark.skipif(DATA_DIR is None, reason=_WHY)
+needs_data = tfds_data.needs("cifar10")
 
 
 def tiny(**overrides):

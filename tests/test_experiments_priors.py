@@ -26,6 +26,7 @@ needs_data = pytest.mark.skipif(
 )
 
 
+@pytest.mark.slow
 @needs_data
 def test_smoke_study_writes_every_table_and_plot_and_resumes(tmp_path, monkeypatch):
     config = configs.get_config("smoke")
@@ -160,6 +161,7 @@ def test_presets_give_three_seeds_outside_smoke():
         configs.get_config("medium")
 
 
+@pytest.mark.slow  # a subprocess holds the lock
 @pytest.mark.skipif(runs.fcntl is None, reason="run locks need POSIX flock")
 def test_a_run_another_process_holds_is_skipped_until_that_process_dies(tmp_path):
     run_dir = tmp_path / "runs" / "sweep_batch_b2_s0"

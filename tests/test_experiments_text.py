@@ -13,7 +13,7 @@ from experiments.configs import text as configs
 from normjax.data.text import DataNotFoundError
 
 DATA_DIR, _WHY = tfds_data.find("tiny_shakespeare")
-needs_data = pytest.mark.skipif(DATA_DIR is None, reason=_WHY)
+needs_data = tfds_data.needs("tiny_shakespeare")
 
 ARTIFACTS = (
     "config.json",
@@ -94,6 +94,7 @@ def test_char_level_bits_per_byte_is_nats_per_char_over_ln2(tmp_path):
     )
 
 
+@pytest.mark.slow  # a whole training run
 def test_a_text_file_runs_end_to_end_without_tfds(tmp_path):
     path = tmp_path / "poem.txt"
     path.write_text("The quick brown fox jumps over the lazy dog.\n" * 40)

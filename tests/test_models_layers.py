@@ -220,6 +220,7 @@ def test_max_pool_equals_flax_with_ties(shape):
     np.testing.assert_array_equal(dx.ravel(), [1.0, 0.0, 0.0, 0.0])
 
 
+@pytest.mark.slow  # a benchmark run
 def test_benchmark_runs(capsys):
     from benchmarks import conv as bench
 

@@ -42,6 +42,7 @@ def train_logits(model, variables, x, mask=None):
     return np.asarray(logits)
 
 
+@pytest.mark.slow  # a whole model per norm; test_registry checks each norm alone
 @pytest.mark.parametrize("name", normjax.names())
 def test_logits_up_to_t_never_see_later_tokens_in_training(name):
     model = small(name)
@@ -90,6 +91,7 @@ def test_batch_norm_over_batch_and_time_leaks_when_causal_mode_is_off():
     assert np.max(np.abs(before[:, :5] - after[:, :5])) > 1e-3
 
 
+@pytest.mark.slow  # a whole model per norm; test_registry checks each norm alone
 @pytest.mark.parametrize("name", normjax.names())
 def test_pad_tokens_stay_out_of_attention_and_statistics(name):
     model = small(name)

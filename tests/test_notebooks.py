@@ -7,6 +7,8 @@ import nbformat
 import pytest
 import tfds_data
 
+pytestmark = pytest.mark.slow  # real data
+
 NOTEBOOKS = pathlib.Path(__file__).resolve().parent.parent / "notebooks"
 CIFAR_DIR, _WHY = tfds_data.find("cifar10")
 

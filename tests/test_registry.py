@@ -1,5 +1,7 @@
 """normjax.registry: one name per norm, one call signature for all."""
 
+import functools
+
 import flax.linen as flax_nn
 import jax
 import jax.numpy as jnp
@@ -56,6 +58,7 @@ def test_unknown_override_lists_accepted_options():
         normjax.make_norm("layer", momentum=0.9)
 
 
+@functools.partial(jax.jit, static_argnums=(0, 3))
 def _run(norm, variables, x, train, mask=None):
     y, _ = norm.apply(
         variables, x, use_running_average=not train, mask=mask, mutable=["batch_stats"]

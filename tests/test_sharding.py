@@ -15,6 +15,8 @@ import textwrap
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # 8 simulated devices and 2 processes, in subprocesses
+
 DEVICES = 8
 
 _SCRIPT = textwrap.dedent(

@@ -170,6 +170,7 @@ def _run_on_devices(n, workdir):
     return [r["loss"] for r in rows if r["split"] == "train"]
 
 
+@pytest.mark.slow  # subprocesses with 1 and 8 simulated devices
 def test_eight_simulated_devices_match_one_device(tmp_path):
     one = _run_on_devices(1, tmp_path / "one")
     eight = _run_on_devices(8, tmp_path / "eight")

@@ -1,12 +1,16 @@
 """Where the tests find TFDS datasets: ../shared/tfds, then $TFDS_DATA_DIR, then
 TFDS's own download into its default directory. Only when all three fail do data
-tests skip, and the reason says why."""
+tests skip, and the reason says why. Tests that read real data are ``slow``."""
 
 from __future__ import annotations
 
 import functools
 import os
 import pathlib
+from collections.abc import Callable
+from typing import Any
+
+import pytest
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -33,3 +37,11 @@ def find(name: str) -> tuple[str | None, str]:
             f"could not download it ({type(error).__name__}: {error}); set "
             "TFDS_DATA_DIR to a directory holding it in array_record format"
         )
+
+
+def needs(name: str) -> Callable[[Any], Any]:
+    """Decorates a test that reads dataset ``name``: marked ``slow`` (real data)
+    and skipped, with the reason, when the data cannot be found."""
+    data_dir, why = find(name)
+    skip = pytest.mark.skipif(data_dir is None, reason=why)
+    return lambda test: pytest.mark.slow(skip(test))
