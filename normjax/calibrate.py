@@ -89,7 +89,7 @@ def _without(variables: Variables, *collections: str) -> dict[str, Any]:
 
 def _group(moments: Tree) -> _Grouped:
     """``{path: {p}count, {p}mean, {p}m2}`` -> ``{(*path, p): Moments}``."""
-    flat = flatten_dict(unfreeze(moments))
+    flat = flatten_dict(unfreeze(dict(moments)))
     out: _Grouped = {}
     for key in flat:
         *path, leaf = key
@@ -241,7 +241,7 @@ def batch_stats_from_moments(
     about ``*mean``/``*var`` pairs left unchanged (layers that never computed
     batch statistics, or that do not follow the ``'moments'`` protocol).
     """
-    flat = dict(flatten_dict(unfreeze(batch_stats)))
+    flat = dict(flatten_dict(unfreeze(dict(batch_stats))))
     replaced = set()
     for (*path, prefix), m in _group(moments).items():
         keys = {"mean": (*path, prefix + "mean"), "var": (*path, prefix + "var")}
@@ -331,9 +331,9 @@ def _with_precise(variables: Variables, precise_stats: Tree | None) -> dict:
     if precise_stats is None:
         raise _missing_precise_stats()
     running = variables.get("batch_stats", {})
-    expected = jax.tree.structure(unfreeze(running))
-    got = jax.tree.structure(unfreeze(precise_stats))
-    if expected != got:
+    expected = jax.tree.structure(unfreeze(dict(running)))
+    got = jax.tree.structure(unfreeze(dict(precise_stats)))
+    if expected != got:  # type: ignore[operator]  # PyTreeDef has no stubs
         raise ValueError(
             "precise_stats does not match variables['batch_stats'] (different "
             "layers or entries); pass the batch_stats tree returned by "

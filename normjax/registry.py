@@ -201,8 +201,11 @@ def make_norm(norm: str, /, *, causal: Causal = False, **overrides: Any) -> nn.M
     try:
         return spec.module(**kwargs)
     except TypeError as error:
-        accepted = [f.name for f in dataclasses.fields(spec.module) if f.init]
-        accepted = [f for f in accepted if f not in ("parent", "name")]
+        accepted = [
+            name
+            for name, field in fields.items()
+            if field.init and name not in ("parent", "name")
+        ]
         raise TypeError(
             f"make_norm({norm!r}): {error}. {spec.module.__name__} accepts: "
             f"{', '.join(accepted) or 'no options'}."

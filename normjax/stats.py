@@ -42,7 +42,7 @@ class Moments(NamedTuple):
         the sum of squares).
     """
 
-    count: Array
+    count: Array  # type: ignore[assignment]  # shadows tuple.count, by design
     mean: Array
     m2: Array
 

@@ -219,10 +219,10 @@ def load_cifar10(
     load well under a second.
     """
     resolved = resolve_data_dir(data_dir)
-    folder = None
+    folder: pathlib.Path | None = None
     if cache:
-        folder = default_cache_dir() if cache_dir in (None, "") else cache_dir
-        folder = pathlib.Path(os.fspath(folder)).expanduser()
+        chosen = default_cache_dir() if cache_dir in (None, "") else cache_dir
+        folder = pathlib.Path(os.fspath(chosen)).expanduser()
     sources = {
         split: _data_source(resolved, split, download=download)
         for split in ("train", "test")

@@ -350,7 +350,7 @@ def make_tokenizer(
             )
         return tokenizer
     if kind == "byte":
-        tokenizer: Tokenizer = ByteTokenizer()
+        tokenizer = ByteTokenizer()
     elif kind == "char":
         tokenizer = CharTokenizer(corpus.train + corpus.validation)
     else:

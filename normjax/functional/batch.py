@@ -156,6 +156,7 @@ def batch_moments(
         )
     pooled = m
     if mode == "cumulative":  # the last position has merged every position.
+        assert time is not None
         pooled = Moments(*(jax.lax.slice_in_dim(s, -1, None, axis=time) for s in m))
     elif mode == "per_position":
         assert time is not None

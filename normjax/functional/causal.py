@@ -47,4 +47,4 @@ def parse_causal(
         raise ValueError(
             f"{name} does not support causal={causal!r}; its causal modes are: {modes}."
         )
-    return mode  # type: ignore[return-value]
+    return mode

@@ -176,6 +176,7 @@ def _normalize_bwd(
     shape = broadcast_shape(x.shape, feature_axes)
     scale_b = None if scale is None else scale.reshape(shape).astype(dtype)
     pooled = tuple(a for a in axes if a not in feature_axes)
+    sum_dy: Array | None
     if pooled:
         # Batch and group norm: the parameters are constant along the ``pooled``
         # axes, so sums over them of dy and dy c (c = x - mean) first; every

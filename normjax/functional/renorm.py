@@ -30,7 +30,10 @@ Array = jax.Array
 
 
 def renorm_limits(
-    step: Array, r_max: float, d_max: float, relax: tuple[int, int, int]
+    step: Array,
+    r_max: float | Array,
+    d_max: float | Array,
+    relax: tuple[int, int, int],
 ) -> tuple[Array, Array]:
     """Batch renorm's relaxation schedule (Ioffe 2017, Sec. 4).
 

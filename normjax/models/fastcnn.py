@@ -69,11 +69,15 @@ class Whitening(nn.Module):
 
     @nn.compact
     def __call__(self, images_NxHxWxC: Array) -> Array:
-        initial = None
-        if not self.has_variable("constants", "kernel"):
-            initial = whitening_kernel(images_NxHxWxC, self.patch_size, self.eps)
-        kernel = self.variable("constants", "kernel", lambda: initial[0]).value
-        bias = self.variable("constants", "bias", lambda: initial[1]).value
+        kernel: Array
+        bias: Array
+        if self.has_variable("constants", "kernel"):
+            kernel = self.get_variable("constants", "kernel")
+            bias = self.get_variable("constants", "bias")
+        else:
+            kernel, bias = whitening_kernel(images_NxHxWxC, self.patch_size, self.eps)
+            self.put_variable("constants", "kernel", kernel)
+            self.put_variable("constants", "bias", bias)
         y = lax.conv_general_dilated(
             images_NxHxWxC,
             kernel.astype(images_NxHxWxC.dtype),

@@ -144,7 +144,8 @@ class BatchRenorm(BatchStatistics):
         running = self._running(
             {"mean": (feature_shape, jnp.zeros), "var": (feature_shape, jnp.ones)}
         )
-        r_max, d_max = self.r_max, self.d_max
+        r_max: float | Array = self.r_max
+        d_max: float | Array = self.d_max
         if self.relax is not None:
             steps = self.variable("batch_stats", "steps", jnp.zeros, (), jnp.int32)
             r_max, d_max = F.renorm_limits(steps.value, r_max, d_max, self.relax)
@@ -270,9 +271,13 @@ class PriorNorm(BatchStatistics):
         mask: Array | None = None,
     ) -> Array:
         channels = x.shape[-1]
-        groups = self.num_groups
-        if groups is None and self.group_size:  # functional checks divisibility.
-            groups = channels // self.group_size
+        if (self.num_groups is None) == (self.group_size is None):
+            raise ValueError(
+                "PriorNorm: give exactly one of num_groups and group_size (pass "
+                "num_groups=None to use group_size)."
+            )
+        # functional.prior_norm checks that the groups divide the channels.
+        groups = self.num_groups or channels // (self.group_size or 1)
         running = self._running(
             {"mean": ((groups,), jnp.zeros), "var": ((groups,), jnp.ones)}
         )

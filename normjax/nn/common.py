@@ -52,16 +52,16 @@ def affine_params(module: nn.Module, feature_shape: tuple[int, ...]) -> dict:
     if getattr(module, "use_scale", True):
         params["scale"] = module.param(
             "scale",
-            module.scale_init,  # type: ignore[attr-defined]
+            module.scale_init,
             feature_shape,
-            module.param_dtype,  # type: ignore[attr-defined]
+            module.param_dtype,
         )
     if getattr(module, "use_bias", False):
         params["bias"] = module.param(
             "bias",
-            module.bias_init,  # type: ignore[attr-defined]
+            module.bias_init,
             feature_shape,
-            module.param_dtype,  # type: ignore[attr-defined]
+            module.param_dtype,
         )
     return params
 
@@ -85,7 +85,7 @@ class BatchStatistics(nn.Module):
             return source == "batch", False
         use_running_average = nn.merge_param(
             "use_running_average",
-            self.use_running_average,  # type: ignore[attr-defined]
+            self.use_running_average,
             use_running_average,
         )
         train = not use_running_average
@@ -132,4 +132,4 @@ class BatchStatistics(nn.Module):
 
     def _axis_name(self) -> Any:
         # As in Flax: at init the named axis may not exist yet.
-        return None if self.is_initializing() else self.axis_name  # type: ignore
+        return None if self.is_initializing() else self.axis_name

@@ -13,6 +13,7 @@ one device. Per-device or ghost statistics are a norm option
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -154,7 +155,8 @@ def make_train_step(
         param_updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
         params = jax.tree.map(lambda p, u: p + u, state.params, param_updates)
         metrics = {"loss": loss, **metrics}
-        new_state = state.replace(
+        new_state = dataclasses.replace(
+            state,
             step=state.step + 1,
             params=params,
             batch_stats=batch_stats,

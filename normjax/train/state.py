@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -53,7 +54,7 @@ class TrainState:
 
     def restore(self, saved: dict[str, Any]) -> TrainState:
         """This state with the arrays of a checkpoint."""
-        return self.replace(**saved)
+        return dataclasses.replace(self, **saved)
 
 
 def make_schedule(
