@@ -123,17 +123,19 @@ precise = calibrate.precise_batch_stats(
 )
 
 
+# One evaluator for every statistics source: it jits the model once per source.
+evaluator = calibrate.Evaluator(
+    model, method=lambda m, x, mask: m(x, train=False, mask=mask)
+)
+
+
 def accuracy(source, batches):
-    fn = calibrate.make_eval_fn(
-        model,
-        source=source,
-        precise_stats=precise,
-        method=lambda m, x, mask: m(x, train=False, mask=mask),
-    )
     logits = np.zeros((len(test_y), 10), np.float32)
     for idx, mask in zip(batches.indices, batches.mask, strict=True):
-        out = np.asarray(fn(variables, test_x[idx], mask))
-        logits[idx[mask]] = out[mask]
+        out = evaluator(
+            variables, (test_x[idx], mask), source=source, precise_stats=precise
+        )
+        logits[idx[mask]] = np.asarray(out)[mask]
     return float(np.mean(logits.argmax(-1) == test_y))
 
 
