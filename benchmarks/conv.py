@@ -229,8 +229,13 @@ def bench_train_steps(
 ) -> list[dict[str, Any]]:
     """images/s of FastCNN (batch 256) and ResNet-20 (batch 128) train steps."""
     cases = [
-        ("FastCNN", batch or 256, FastCNN(conv=nn.Conv, pool=flax_max_pool), FastCNN()),
-        ("ResNet-20", batch or 128, ResNet(conv=nn.Conv), ResNet()),
+        (
+            "FastCNN",
+            batch or 256,
+            FastCNN(conv=nn.Conv, pool=flax_max_pool),
+            FastCNN(conv=Conv, pool=max_pool_2x2),
+        ),
+        ("ResNet-20", batch or 128, ResNet(conv=nn.Conv), ResNet(conv=Conv)),
     ]
     rows = []
     for label, batch, flax_model, model in cases:

@@ -1,44 +1,28 @@
-"""Precise population statistics, and evaluation under a chosen statistics source.
+"""Precise population statistics, and evaluation under a chosen statistics source,
+for any Flax model with normjax batch-statistics layers anywhere in its tree,
+without editing it.
 
-The running statistics of batch norm are an exponential moving average of batch
-statistics taken while the weights moved: noisy, and lagging behind the final
-weights. Wu & Johnson (2021, "Rethinking 'Batch' in BatchNorm", section 3)
-recompute them after training instead: run the final model over K batches and
-pool each layer's batch statistics with equal weight per element ("precise BN").
-normjax statistics merge exactly (``stats.Moments``), so the pooled statistics are
-those of the K batches concatenated, whatever their sizes or masks.
+* :func:`precise_batch_stats` (with :func:`precise_moments` and
+  :func:`batch_stats_from_moments` underneath) recomputes ``batch_stats`` after
+  training: each layer's batch moments over K batches, merged exactly, so they
+  are those of the K batches concatenated (precise BN: Wu & Johnson 2021,
+  "Rethinking 'Batch' in BatchNorm", sec. 3);
+* :class:`Evaluator` (and the shortcuts :func:`make_eval_fn`, :func:`evaluate`)
+  runs the model with its statistics from ``'running'`` (the EMA in
+  ``batch_stats``), ``'precise'`` (recomputed) or ``'batch'`` (the current
+  batch's).
 
-Two things here, both for any Flax model that contains normjax batch-statistics
-modules anywhere in its tree, without editing it:
+Both use two hooks of :mod:`normjax.nn`: ``nn.statistics_source(source)``, which
+switches every batch-statistics module at trace time (so it is entered inside
+the jitted function), and the ``'moments'`` collection, where a module stores the
+batch moments ``moments/{p}count, {p}mean, {p}m2`` behind its running statistics
+``batch_stats/{p}mean, {p}var``. Layers outside that protocol (``flax.linen``'s
+own ``BatchNorm``) are not switched and get no precise statistics;
+:func:`precise_batch_stats` warns about them.
 
-* :func:`precise_batch_stats` (and :func:`precise_moments`,
-  :func:`batch_stats_from_moments` underneath) recompute ``batch_stats``;
-* :class:`Evaluator` (and the shortcuts :func:`make_eval_fn`,
-  :func:`evaluate`) run the model with its normalization statistics taken from
-  ``'running'`` (the EMA in ``batch_stats``), ``'precise'`` (recomputed
-  statistics) or ``'batch'`` (the current batch's).
-
-Both rely on two hooks of :mod:`normjax.nn`: the context manager
-``nn.statistics_source(source)``, which makes every batch-statistics module
-normalize with ``'running'`` or ``'batch'`` statistics whatever its
-``use_running_average`` (at trace time, so every function here enters it *inside*
-the function it jits), and the ``'moments'`` collection, where a module that
-computed batch statistics stores them as ``moments/{p}count, {p}mean, {p}m2``
-(feature shape) for its running statistics ``batch_stats/{p}mean, {p}var``.
-
-Model calls: ``model.apply(variables, *args, method=method, **apply_kwargs)``
-where ``args`` is the batch — a tuple is unpacked into positional inputs, anything
-else is the single positional input. For batches of another form (dicts, extra
-keyword inputs) pass a function as ``method``, as Flax allows::
-
-    precise_batch_stats(
-        model, variables, (b for b in dataset),
-        method=lambda m, b: m(b["image"], mask=b["mask"], train=False),
-    )
-
-Batch-statistics layers that do not follow the protocol (e.g. ``flax.linen``'s
-own ``BatchNorm``) are not switched by the source and get no precise statistics;
-:func:`precise_batch_stats` warns about running statistics it left unchanged.
+A batch is the model's positional inputs (a tuple) or its only one; for other
+forms pass a function as ``method``, as Flax allows, e.g.
+``method=lambda m, b: m(b["image"], mask=b["mask"], train=False)``.
 """
 
 from __future__ import annotations

@@ -134,10 +134,12 @@ def register(
     """Adds a norm under ``name`` so that every model and flag can use it.
 
     ``module(**defaults, **overrides)`` must build a Flax module called as
-    ``norm(x, use_running_average=..., mask=...)``; a module that declares
-    ``causal`` (and ``supported_causal``, the modes it supports) is given it in
-    sequence models. An existing name is an error
-    unless ``replace=True``.
+    ``norm(x, use_running_average=..., mask=...)``. A module that declares a
+    ``causal`` field is given the causal mode in sequence models, as one of
+    ``functional.CAUSAL_MODES`` (True arrives as 'cumulative'); it may declare
+    ``supported_causal``, the modes it accepts. ``statistics`` is a
+    :class:`Statistics` or its value. An existing name is an error unless
+    ``replace=True``.
 
     Example: ``register('my_norm', MyNorm, defaults={'num_groups': 4})``, then
     ``ResNet(norm='my_norm')`` or ``--config.norm=my_norm``.
@@ -150,9 +152,14 @@ def register(
         )
     if not callable(module):
         raise TypeError(f"register({name!r}): module must be callable, got {module!r}.")
-    _REGISTRY[name] = Entry(
-        module, dict(defaults or {}), Statistics(statistics), summary
-    )
+    try:
+        kind = Statistics(statistics)
+    except ValueError:
+        raise ValueError(
+            f"register({name!r}): statistics={statistics!r} is not one of "
+            f"{', '.join(repr(s.value) for s in Statistics)}."
+        ) from None
+    _REGISTRY[name] = Entry(module, dict(defaults or {}), kind, summary)
 
 
 def unregister(name: str) -> None:

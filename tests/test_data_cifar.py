@@ -45,8 +45,8 @@ def full():
 
 
 # ---------------------------------------------------------------------------------
-# PNG references written out here: a scalar decoder and an encoder using every
-# filter type, straight from the PNG specification.
+# A PNG decoder written out here from the specification (every filter type): the
+# reference that Pillow's decoding of the records is checked against.
 
 
 def _paeth(a, b, c):

@@ -102,3 +102,30 @@ def test_bln_counts_only_valid_samples_as_the_batch():
     padded, _, _ = F.batch_layer_norm(x, None, running, train=True, mask=mask)
     alone, _, _ = F.batch_layer_norm(x[valid], None, running, train=True)
     np.testing.assert_allclose(padded[valid], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_bln_pools_its_statistics_over_devices_as_over_one_batch():
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(1.0, 2.0, size=(8, 5, 6)), jnp.float32)
+    mask = jnp.asarray(rng.random((8, 5, 1)) < 0.7)
+    running = {
+        "mean": jnp.zeros(6),
+        "var": jnp.ones(6),
+        "feature_mean": jnp.zeros(()),
+        "feature_var": jnp.ones(()),
+    }
+
+    def bln(x, mask, axis_name=None):
+        out = F.batch_layer_norm(
+            x, None, running, train=True, mask=mask, momentum=0.5, axis_name=axis_name
+        )
+        return out.y, out.batch_stats
+
+    y, whole = bln(x, mask)
+    parts = jax.vmap(lambda x, m: bln(x, m, "d"), axis_name="d")(
+        x.reshape(2, 4, 5, 6), mask.reshape(2, 4, 5, 1)
+    )
+    np.testing.assert_allclose(parts[0].reshape(x.shape), y, rtol=1e-5, atol=1e-5)
+    for key, value in whole.items():  # every device holds the whole batch's
+        np.testing.assert_allclose(parts[1][key][0], value, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(parts[1][key][1], value, rtol=1e-5, atol=1e-6)

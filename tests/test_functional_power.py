@@ -1,4 +1,4 @@
-"""normjax.power (PowerNorm) against float64 NumPy references written out here."""
+"""normjax.functional.power (PowerNorm) against float64 NumPy references."""
 
 import functools
 

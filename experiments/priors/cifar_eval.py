@@ -78,15 +78,15 @@ class TestSet:
 
 
 def probe_sources(
-    config: ml_collections.ConfigDict, evaluator: TestSet, seed: int
+    config: ml_collections.ConfigDict, test_set: TestSet, seed: int
 ) -> dict[str, dict[str, float]]:
     """Accuracy (and the largest logit change against running statistics) under
     every statistics source of part 1."""
-    y = evaluator.test_y
+    y = test_set.test_y
     n = len(y)
     whole = samplers.eval_batches(n, min(n, 500))
     results: dict[str, dict[str, float]] = {}
-    running = evaluator.logits(whole, "running")
+    running = test_set.logits(whole, "running")
 
     def record(name: str, logits: np.ndarray) -> None:
         results[name] = {
@@ -95,29 +95,29 @@ def probe_sources(
         }
 
     record("running", running)
-    has_stats = bool(evaluator.variables.get("batch_stats"))
+    has_stats = bool(test_set.variables.get("batch_stats"))
     if has_stats:
-        precise = evaluator.precise_stats(
+        precise = test_set.precise_stats(
             config.precise_images, config.precise_batch_size
         )
-        record("precise", evaluator.logits(whole, "precise", precise))
+        record("precise", test_set.logits(whole, "precise", precise))
     else:  # nothing to recompute: precise statistics are the running ones
-        record("precise", evaluator.logits(whole, "running"))
+        record("precise", test_set.logits(whole, "running"))
     order = np.random.default_rng([seed, 1]).permutation(n)
     for size in config.probe_batch_sizes:
         b = samplers.eval_batches(n, size)
         shuffled = samplers.Batches(order[b.indices], b.mask, b.batch_class)
-        record(f"batch {size}", evaluator.logits(shuffled, "batch"))
+        record(f"batch {size}", test_set.logits(shuffled, "batch"))
     size = config.class_batch_size
     record(
         "class-homogeneous",
-        evaluator.logits(
+        test_set.logits(
             samplers.class_homogeneous_eval_batches(y, size, seed=seed), "batch"
         ),
     )
     record(
         "class-skewed",
-        evaluator.logits(
+        test_set.logits(
             samplers.class_skewed_eval_batches(
                 y, size, fraction=config.skew_fraction, seed=seed
             ),
@@ -141,12 +141,12 @@ def probe_run(study: Study, norm: str, seed: int, parts: set[str]) -> dict[str, 
     summary, model, task, state = cifar_experiment.train(
         cifar_config(study.config, norm, seed), str(workdir)
     )
-    evaluator = TestSet(model, task, jax.device_get(state.variables()))
+    test_set = TestSet(model, task, jax.device_get(state.variables()))
     done["train_seconds"] = summary["wall_seconds"]
     if "probe" in parts and "sources" not in done:
-        done["sources"] = probe_sources(study.config, evaluator, seed)
+        done["sources"] = probe_sources(study.config, test_set, seed)
     if "stats" in parts and "statistics" not in done:
-        done["statistics"] = statistics_probe(study.config, evaluator)
+        done["statistics"] = statistics_probe(study.config, test_set)
     write_json(path, done)
     return done
 
@@ -171,19 +171,17 @@ def sweep_run(study: Study, norm: str, batch_size: int, seed: int) -> dict[str, 
     run.train_subset = c.sweep_train_subset
     run.log_every = max(1, min(run.log_every, 50))
     summary, model, task, state = cifar_experiment.train(run, str(workdir))
-    evaluator = TestSet(model, task, jax.device_get(state.variables()))
-    whole = samplers.eval_batches(
-        len(evaluator.test_y), min(500, len(evaluator.test_y))
-    )
-    y = evaluator.test_y
+    test_set = TestSet(model, task, jax.device_get(state.variables()))
+    whole = samplers.eval_batches(len(test_set.test_y), min(500, len(test_set.test_y)))
+    y = test_set.test_y
     result = {
-        "running": float(np.mean(evaluator.logits(whole, "running").argmax(-1) == y))
+        "running": float(np.mean(test_set.logits(whole, "running").argmax(-1) == y))
     }
-    if evaluator.variables.get("batch_stats"):
-        precise = evaluator.precise_stats(c.precise_images, max(batch_size, 2))
-        logits = evaluator.logits(whole, "precise", precise)
+    if test_set.variables.get("batch_stats"):
+        precise = test_set.precise_stats(c.precise_images, max(batch_size, 2))
+        logits = test_set.logits(whole, "precise", precise)
     else:
-        logits = evaluator.logits(whole, "running")
+        logits = test_set.logits(whole, "running")
     result["precise"] = float(np.mean(logits.argmax(-1) == y))
     result["train_seconds"] = summary["wall_seconds"]
     write_json(path, result)

@@ -47,15 +47,15 @@ def norm_input_statistics(
 
 
 def collect_statistics(
-    evaluator: TestSet, images: np.ndarray, batch_size: int = 500
+    test_set: TestSet, images: np.ndarray, batch_size: int = 500
 ) -> dict[str, np.ndarray]:
     fn = jax.jit(
-        lambda v, x: norm_input_statistics(evaluator.model, v, x),
+        lambda v, x: norm_input_statistics(test_set.model, v, x),
     )
     parts: dict[str, list[np.ndarray]] = {}
     for s in range(0, len(images), batch_size):
         for path, (mean, std) in fn(
-            evaluator.variables, images[s : s + batch_size]
+            test_set.variables, images[s : s + batch_size]
         ).items():
             parts.setdefault(path, []).append(
                 np.concatenate([np.asarray(mean), np.asarray(std)], axis=-1)
@@ -108,23 +108,23 @@ def fit_linear_probe(
 
 
 def statistics_probe(
-    config: ml_collections.ConfigDict, evaluator: TestSet
+    config: ml_collections.ConfigDict, test_set: TestSet
 ) -> dict[str, float]:
     """Per norm layer (and all layers together): test accuracy of a linear
     classifier on each sample's per-channel input mean and std."""
-    data = evaluator.task.data
+    data = test_set.task.data
     count = min(config.stats_train_images, len(data.train_labels))
     rows = np.random.default_rng(1).permutation(len(data.train_labels))[:count]
     train_images = np.asarray(
         cifar.standardize_images(
             jnp.asarray(data.train_images[rows]),
-            evaluator.task.mean,
-            evaluator.task.std,
+            test_set.task.mean,
+            test_set.task.std,
         )
     )
-    train_stats = collect_statistics(evaluator, train_images)
-    test_stats = collect_statistics(evaluator, evaluator.test_x)
-    train_y, test_y = data.train_labels[rows], evaluator.test_y
+    train_stats = collect_statistics(test_set, train_images)
+    test_stats = collect_statistics(test_set, test_set.test_x)
+    train_y, test_y = data.train_labels[rows], test_set.test_y
     out = {}
     for path in train_stats:
         out[path] = fit_linear_probe(

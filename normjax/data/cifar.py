@@ -148,22 +148,35 @@ def _cached_split(
     total = len(source)
     for count in dict.fromkeys((total, n)):  # the whole split first
         path = folder / f"{split}-{key}-n{count}.npz"
+        if not path.exists():
+            continue
         try:
             with np.load(path) as saved:
                 images, labels = saved["images"], saved["labels"]
-        except (OSError, KeyError, ValueError):  # absent or unreadable: decode
+        except Exception:  # unreadable, for whatever reason: decode again
             continue
-        if images.shape == (count, *IMAGE_SHAPE) and labels.shape == (count,):
-            return images[:n], labels[:n]
+        if (
+            images.shape == (count, *IMAGE_SHAPE)
+            and images.dtype == np.uint8
+            and labels.shape == (count,)
+        ):
+            # A subset is copied out, so the whole split is not kept alive.
+            return (
+                (images, labels)
+                if n == count
+                else (images[:n].copy(), labels[:n].copy())
+            )
     images, labels = _decode(source, n)
     path = folder / f"{split}-{key}-n{n}.npz"
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp.npz")
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp.npz")
         np.savez(temporary, images=images, labels=labels)
         os.replace(temporary, path)  # atomic: readers never see half a file
     except OSError:  # a read-only cache: load from TFDS every time
         pass
+    finally:
+        temporary.unlink(missing_ok=True)
     return images, labels
 
 

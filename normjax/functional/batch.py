@@ -3,8 +3,8 @@
 Every norm that reads statistics of the whole batch gets them from
 :func:`batch_moments`: one place for masks, devices (``axis_name``), ghost
 batches and the causal modes for sequences (:mod:`normjax.functional.causal`).
-Running statistics are ``batch_stats`` ``{prefix}mean``/``{prefix}var``, updated
-by :func:`update_running` and read by :func:`running_mean_var`.
+Running statistics are ``batch_stats`` ``mean``/``var``, updated by
+:func:`update_running` and read by :func:`running_mean_var`.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def batch_moments(
     axis_index_groups: Any = None,
     ghost_batch_size: int | None = None,
     batch_axis: int = 0,
-    causal: Causal = False,
+    causal: Causal | None = False,
     time_axis: int = 1,
     epsilon: float | None = None,
     params: Params | None = None,
@@ -162,7 +162,12 @@ def batch_moments(
         assert time is not None
         pooled = stats.merge_over(m, time, keepdims=True)
     if group_axis is not None:
-        # Pooled mean, and the within-group m2 that ghost training normalized with.
+        # Ghost batches: the pooled mean, and the sum of the groups' m2 under the
+        # pooled count — the within-group variance that training normalized with,
+        # which the running variance follows (as TensorFlow's virtual_batch_size).
+        # Not the whole batch's m2: the one pooled statistic here that is not a
+        # sufficient statistic; calibrate's merge of it across batches adds the
+        # spread between batch means, not between virtual batches.
         merged = stats.merge_over(pooled, group_axis)
         pooled = Moments(merged.count, merged.mean, jnp.sum(pooled.m2, group_axis))
     pooled = Moments(*(s.reshape(feature_shape) for s in pooled))
@@ -198,27 +203,23 @@ def update_running(
     momentum: float,
     *,
     unbiased: bool = False,
-    prefix: str = "",
 ) -> dict[str, Array]:
-    """EMA of ``{prefix}mean`` / ``{prefix}var`` towards the batch's ``pooled``
-    moments; slots without a valid element keep their value."""
+    """EMA of ``mean`` / ``var`` towards the batch's ``pooled`` moments; slots
+    without a valid element keep their value."""
     if not 0.0 <= momentum <= 1.0:
         raise ValueError(f"momentum must lie in [0, 1], got {momentum}.")
     valid = pooled.count > 0
     batch = stats.mean_var(pooled, ddof=1 if unbiased else 0)
     return {
-        prefix + key: stats.ema(batch_stats[prefix + key], value, momentum, valid=valid)
+        key: stats.ema(batch_stats[key], value, momentum, valid=valid)
         for key, value in (("mean", batch.mean), ("var", batch.var))
     }
 
 
-def running_mean_var(
-    batch_stats: BatchStats, broadcast: list[int], prefix: str = ""
-) -> MeanVar:
-    """The running ``{prefix}mean``/``{prefix}var``, reshaped to ``broadcast``."""
+def running_mean_var(batch_stats: BatchStats, broadcast: list[int]) -> MeanVar:
+    """The running ``mean``/``var``, reshaped to ``broadcast``."""
     return MeanVar(
-        batch_stats[prefix + "mean"].reshape(broadcast),
-        batch_stats[prefix + "var"].reshape(broadcast),
+        batch_stats["mean"].reshape(broadcast), batch_stats["var"].reshape(broadcast)
     )
 
 
@@ -293,7 +294,7 @@ def batch_norm(
         axis_index_groups=axis_index_groups,
         ghost_batch_size=ghost_batch_size,
         batch_axis=batch_axis,
-        causal="per_position" if mode == "running" else mode or False,
+        causal="per_position" if mode == "running" else mode,
         time_axis=time_axis,
         epsilon=epsilon,
         params=params,

@@ -105,7 +105,7 @@ def batch_layer_norm(
         mask=mask,
         axis_name=axis_name,
         axis_index_groups=axis_index_groups,
-        causal="per_position" if mode == "running" else mode or False,
+        causal="per_position" if mode == "running" else mode,
         time_axis=time_axis,
     )
     running = running_mean_var(batch_stats, broadcast)

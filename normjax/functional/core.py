@@ -228,16 +228,14 @@ def check_params(
     feature_axes: tuple[int, ...],
     *,
     name: str,
-    keys: tuple[str, ...] = ("scale", "bias"),
 ) -> None:
-    """A clear error when ``params`` holds other keys than ``keys`` or shapes that
-    are not the input's feature shape."""
+    """A clear error when ``params`` holds other keys than 'scale' and 'bias' or
+    shapes that are not the input's feature shape."""
     feature_shape = tuple(shape[a] for a in feature_axes)
     for key in params or {}:
-        if key not in keys:
+        if key not in ("scale", "bias"):
             raise ValueError(
-                f"{name}: unknown parameter {key!r}; expected "
-                f"{' and/or '.join(map(repr, keys))}."
+                f"{name}: unknown parameter {key!r}; expected 'scale' and/or 'bias'."
             )
         got = tuple(params[key].shape)  # type: ignore[index]
         if got != feature_shape:

@@ -255,7 +255,7 @@ def group_moments(
     mask: Array | None = None,
     axis_name: Any = None,
     axis_index_groups: Any = None,
-    causal: Causal = False,
+    causal: Causal | None = False,
     time_axis: int = 1,
     name: str = "group_norm",
 ) -> tuple[Array, Moments]:

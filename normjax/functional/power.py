@@ -17,15 +17,17 @@ nu_t is known only in the backward pass, so the custom VJP takes nu as an input
 and returns as its cotangent the increment ``nu_t - nu_{t-1}``: differentiate the
 loss w.r.t. nu too (the Flax module routes it through ``Module.perturb``) and add
 the result with :func:`apply_nu_updates`. An increment, because cotangents add
-(a layer applied twice, gradients averaged over devices). With ``axis_name``
-every device returns the same increment: pmean it, do not sum it.
+(a layer applied twice, gradients averaged over devices); note it is affine, not
+linear, in dL/dy. With ``axis_name`` every device returns the same increment:
+pmean it, do not sum it. The authors' ``ema_gz`` is nu / (1 - alpha).
 
 Departures from the authors' code (sIncerass/powernorm): the backward divides by
 the running psi_{t-1}, as Algorithm 2 says (the code: the batch psi after
-warm-up); Gamma and Lambda count valid elements only; during ``warmup_steps`` the
-forward divides by the batch psi, with the exact gradient by default
-(``warmup_gradient='approximate'``: the code's), and psi2 is the plain mean of
-the warm-up batches'; the code's ``GroupScaling1D`` is left out (compose with
+warm-up); Gamma and Lambda count valid elements only (padded elements get
+dL/dx = g / psi); during ``warmup_steps`` the forward divides by the batch psi,
+with the exact gradient by default (``warmup_gradient='approximate'``: the
+code's), nu is updated (warm at the switch), and psi2 is the plain mean of the
+warm-up batches'; the code's ``GroupScaling1D`` is left out (compose with
 ``rms_norm``). ``variant='pn-v'`` is the paper's PN-V: the batch psi forward, the
 exact gradient, no nu. Causal modes only matter where a batch psi enters the
 forward (warm-up, PN-V); ``'running'`` never uses one.
@@ -297,7 +299,7 @@ def power_norm(
     stat_dtype = stats.stat_dtype(x.dtype)
     out_dtype = x.dtype if dtype is None else dtype
 
-    running = None  # the running psi2: a mean square, divided by uncentred
+    running = None  # the running psi2: x is divided by it, uncentred
     if state is not None:
         running = MeanVar(
             jnp.zeros(broadcast, stat_dtype),
@@ -318,7 +320,7 @@ def power_norm(
         center=False,
         axis_name=axis_name,
         axis_index_groups=axis_index_groups,
-        causal=mode or False if batch_forward else False,
+        causal=mode if batch_forward else None,
         time_axis=time_axis,
     )
     batch = b.moments

@@ -25,6 +25,9 @@ from normjax.functional.per_sample import group_moments
 from normjax.stats import Axes
 
 Array = jax.Array
+# The sample's statistics may accumulate over positions; there is no batch to
+# take per position, and the forward never reads running statistics alone.
+SUPPORTED_CAUSAL = ("cumulative",)
 
 
 def prior_norm(
@@ -73,7 +76,7 @@ def prior_norm(
         group_size=group_size,
         reduction_axes=reduction_axes,
         mask=mask,
-        causal=parse_causal(causal, supported=("cumulative",), name=name) or False,
+        causal=parse_causal(causal, supported=SUPPORTED_CAUSAL, name=name),
         time_axis=time_axis,
         name=name,
     )

@@ -97,7 +97,7 @@ def batch_renorm(
         mask=mask,
         axis_name=axis_name,
         axis_index_groups=axis_index_groups,
-        causal="per_position" if mode == "running" else mode or False,
+        causal="per_position" if mode == "running" else mode,
         time_axis=time_axis,
     )
     if mode != "running":

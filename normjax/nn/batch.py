@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from flax.typing import Axes, Dtype, Initializer
 
 from normjax import functional as F
+from normjax.functional import prior
 from normjax.functional.causal import CAUSAL_MODES, Causal
 from normjax.nn.common import (
     BatchStatistics,
@@ -22,7 +23,6 @@ from normjax.nn.common import (
 Array = jax.Array
 zeros = nn.initializers.zeros
 ones = nn.initializers.ones
-PRIOR_CAUSAL = ("cumulative",)
 
 
 class BatchNorm(BatchStatistics):
@@ -258,7 +258,7 @@ class PriorNorm(BatchStatistics):
     prior_init: Initializer = zeros
     axis_name: str | None = None
     axis_index_groups: Any = None
-    supported_causal: ClassVar[tuple[str, ...]] = PRIOR_CAUSAL
+    supported_causal: ClassVar[tuple[str, ...]] = prior.SUPPORTED_CAUSAL
     causal: Causal = False
     time_axis: int = 1
 
@@ -316,7 +316,19 @@ class PowerNorm(BatchStatistics):
     increment: differentiate the loss w.r.t. ``variables['perturbations']`` too
     and add it with ``functional.apply_nu_updates(batch_stats, nu_grads)``
     (``normjax.train`` does). Without it, training is the same but nu keeps its
-    value. Fields beyond BatchNorm's: ``warmup_steps``, ``warmup_gradient``,
+    value::
+
+        def loss_fn(params, perturbations):  # variables from model.init
+            out, updates = model.apply({'params': params, 'batch_stats':
+                batch_stats, 'perturbations': perturbations}, x, train=True,
+                mutable=['batch_stats'])
+            return loss(out), updates['batch_stats']
+
+        (grads, nu_grads), batch_stats = jax.grad(loss_fn, argnums=(0, 1),
+            has_aux=True)(params, variables['perturbations'])
+        batch_stats = functional.apply_nu_updates(batch_stats, nu_grads)
+
+    Fields beyond BatchNorm's: ``warmup_steps``, ``warmup_gradient``,
     ``nu_momentum``, ``variant`` ('pn' or 'pn-v'). Under
     ``statistics_source('batch')`` it divides by the current batch's quadratic
     mean (PN-V's forward). It writes no 'moments': psi2 is a mean square, outside
@@ -370,7 +382,7 @@ class PowerNorm(BatchStatistics):
             state["nu"] = self.perturb("nu", state["nu"])
         train, update = self._train_and_update(use_running_average)
         batch_source = current_source() == "batch"
-        y, new_state, _ = F.power_norm(
+        out = F.power_norm(
             x,
             affine_params(self, feature_shape),
             state,
@@ -392,5 +404,5 @@ class PowerNorm(BatchStatistics):
         if update:
             for key in ("psi2", "steps"):
                 if key in variables:
-                    variables[key].value = new_state[key]
-        return y
+                    variables[key].value = out.batch_stats[key]
+        return out.y
