@@ -4,6 +4,7 @@ checks that a model's norms are the registry's."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import normjax
 
@@ -48,3 +49,27 @@ def check_model_norms(variables, norm_paths, name):
         assert shapes(subtree(variables, path)) == shapes(alone), path
         norm_alone_has_stats |= "batch_stats" in alone
     assert ("batch_stats" in variables) == norm_alone_has_stats
+
+
+def check_padding_gets_no_weight(model):
+    """A CIFAR model's masked images change no valid image's training logits, and
+    the valid images alone give the same logits."""
+    x = jax.random.normal(jax.random.key(3), (6, 32, 32, 3))
+    variables = model.init(KEY, x, train=False)
+    mask = jnp.array([True, True, False, True, False, True])
+    garbage = jnp.where(mask[:, None, None, None], x, 50.0)
+
+    def train_logits(images):
+        logits, _ = model.apply(
+            variables, images, train=True, mask=mask, mutable=["batch_stats"]
+        )
+        return np.asarray(logits)
+
+    np.testing.assert_allclose(
+        train_logits(x)[mask], train_logits(garbage)[mask], rtol=1e-5, atol=1e-5
+    )
+    # the valid images alone give the same logits
+    alone, _ = model.apply(variables, x[mask], train=True, mutable=["batch_stats"])
+    np.testing.assert_allclose(train_logits(x)[mask], alone, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="mask must have shape"):
+        model.apply(variables, x, train=False, mask=mask[:3])

@@ -13,6 +13,7 @@ from model_checks import (
     IMAGES,
     KEY,
     check_model_norms,
+    check_padding_gets_no_weight,
     init_shapes,
     shapes,
 )
@@ -179,23 +180,4 @@ def test_zero_init_residual_whole_network():
 
 @pytest.mark.slow  # a whole model, run eagerly
 def test_padding_images_get_no_weight_in_batch_statistics():
-    model = ResNet(depth=8, width=8, norm="batch")
-    x = jax.random.normal(jax.random.key(3), (6, 32, 32, 3))
-    variables = model.init(KEY, x, train=False)
-    mask = jnp.array([True, True, False, True, False, True])
-    garbage = jnp.where(mask[:, None, None, None], x, 50.0)
-
-    def train_logits(images):
-        logits, _ = model.apply(
-            variables, images, train=True, mask=mask, mutable=["batch_stats"]
-        )
-        return np.asarray(logits)
-
-    np.testing.assert_allclose(
-        train_logits(x)[mask], train_logits(garbage)[mask], rtol=1e-5, atol=1e-5
-    )
-    # the valid images alone give the same logits
-    alone, _ = model.apply(variables, x[mask], train=True, mutable=["batch_stats"])
-    np.testing.assert_allclose(train_logits(x)[mask], alone, rtol=1e-4, atol=1e-5)
-    with pytest.raises(ValueError, match="mask must have shape"):
-        model.apply(variables, x, train=False, mask=mask[:3])
+    check_padding_gets_no_weight(ResNet(depth=8, width=8, norm="batch"))
