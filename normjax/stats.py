@@ -12,7 +12,10 @@ Conventions:
   * the mean is computed first and ``m2`` as the sum of squared deviations from it
     (two passes): ``E[x^2] - E[x]^2`` cancels catastrophically when the mean is
     large against the spread, and is never used;
-  * a slot with count 0 has mean 0 and m2 0, never NaN.
+  * a slot with count 0 has mean 0 and m2 0, never NaN;
+  * masked elements are selected out (``where``), never multiplied by 0: padding
+    may hold NaN or inf without reaching any statistic or gradient;
+  * complex inputs have a complex mean and a real ``m2 = sum |x - mean|^2``.
 
 What a norm divides by is a plain :class:`MeanVar` — from moments
 (:func:`mean_var`), or a running average, a population or prior estimate, none
@@ -58,7 +61,8 @@ class MeanVar(NamedTuple):
 
 
 def stat_dtype(dtype: Any) -> jnp.dtype:
-    """The dtype statistics are reduced in: ``dtype`` promoted to at least float32."""
+    """The dtype statistics are reduced in: ``dtype`` promoted to at least float32
+    (complex64 for complex inputs, whose ``m2`` and count are real)."""
     return jnp.promote_types(jnp.dtype(dtype), jnp.float32)
 
 
@@ -178,43 +182,55 @@ def moments(
                 out = Moments(*(jnp.squeeze(s, pooled) for s in out))
             return out
     dtype = stat_dtype(x.dtype)
-    raw, x = x, x.astype(dtype)
+    count_dtype = real_dtype(dtype)
+    valid = None
+    size = None  # the count, when it is the same static number in every slot
     if mask is None:
         size = 1
         for axis in axes:
             size *= x.shape[axis]
-        count = jnp.full([1 if i in axes else n for i, n in enumerate(x.shape)], size)
-        count = psum(count.astype(dtype), axis_name, axis_index_groups)
-        weights = None
+        shape = [1 if i in axes else n for i, n in enumerate(x.shape)]
+        count = jnp.full(shape, size, count_dtype)
     else:
-        mask = jnp.broadcast_to(jnp.asarray(mask, bool), x.shape)
-        weights = mask.astype(dtype)
-        count = psum(reduce_sum(weights, axes), axis_name, axis_index_groups)
-    if center and axis_name is None:
-        mean, m2 = _centred_moments(raw, weights, axes, count)
+        valid = jnp.broadcast_to(jnp.asarray(mask, bool), x.shape)
+        count = reduce_sum(valid.astype(count_dtype), axes)
+        # Selected, never multiplied: padding may hold NaN or inf, and none of
+        # it reaches a sum, a statistic or (0 * NaN) a gradient.
+        x = jnp.where(valid, x, jnp.zeros((), x.dtype))
+    count = psum(count, axis_name, axis_index_groups)
+    if center and axis_name is None and not jnp.iscomplexobj(x):
+        mean, m2 = _centred_moments(x, valid, axes, count, size)
     else:
+        x = x.astype(dtype)
         if center:
-            xw = x if weights is None else x * weights
-            total = psum(reduce_sum(xw, axes), axis_name, axis_index_groups)
+            total = psum(reduce_sum(x, axes), axis_name, axis_index_groups)
             mean = safe_div(total, count)
-            deviation = x - mean
         else:
-            mean = jnp.zeros_like(count)
-            deviation = x
-        m2 = psum(_square_sum(deviation, weights, axes), axis_name, axis_index_groups)
+            mean = jnp.zeros(count.shape, dtype)
+        m2 = psum(_square_sum(x - mean, valid, axes), axis_name, axis_index_groups)
     out = Moments(jnp.broadcast_to(count, mean.shape), mean, m2)
     if not keepdims:
         out = Moments(*(jnp.squeeze(s, axes) for s in out))
     return out
 
 
-def _square_sum(
-    deviation: Array, weights: Array | None, axes: tuple[int, ...]
-) -> Array:
-    """The (weighted) sum of squared deviations over ``axes``."""
-    squares = jnp.square(deviation)
-    if weights is not None:
-        squares = squares * weights
+def real_dtype(dtype: Any) -> jnp.dtype:
+    """The real counterpart of ``dtype`` (complex64 -> float32), else ``dtype``."""
+    return jnp.real(jnp.zeros((), dtype)).dtype
+
+
+def abs2(x: Array) -> Array:
+    """``|x|^2``, real: ``x^2`` for real ``x``, ``re^2 + im^2`` for complex."""
+    if jnp.iscomplexobj(x):
+        return jnp.square(x.real) + jnp.square(x.imag)
+    return jnp.square(x)
+
+
+def _square_sum(deviation: Array, valid: Array | None, axes: tuple[int, ...]) -> Array:
+    """The sum over ``axes`` of ``|deviation|^2`` at the valid elements."""
+    squares = abs2(deviation)
+    if valid is not None:
+        squares = jnp.where(valid, squares, 0.0)
     return reduce_sum(squares, axes)
 
 
@@ -225,29 +241,31 @@ _ONE_PASS_RATIO = 3.0
 
 
 def _centred_moments(
-    x: Array, weights: Array | None, axes: tuple[int, ...], count: Array
+    x: Array,
+    valid: Array | None,
+    axes: tuple[int, ...],
+    count: Array,
+    size: int | None,
 ) -> tuple[Array, Array]:
-    """(mean, m2) of each slot: one fused pass of sum(x) and sum(x^2) when no
-    slot's |mean| exceeds sqrt(3) of its standard deviation, else (``lax.cond``:
-    only one branch runs) the exact two-pass sum of squared deviations from the
-    mean. Flax's one-pass E[x^2] - E[x]^2 loses every digit when |mean| >> std;
-    this keeps the two-pass result's accuracy there and one pass's speed where
-    it is safe (most normalization inputs)."""
+    """(mean, m2) of each slot of real ``x`` (zero where not ``valid``): one fused
+    pass of sum(x) and sum(x^2) when no slot's |mean| exceeds sqrt(3) of its
+    standard deviation, else (``lax.cond``: only one branch runs) the exact
+    two-pass sum of squared deviations from the mean. Flax's one-pass
+    E[x^2] - E[x]^2 loses every digit when |mean| >> std; this keeps the two-pass
+    result's accuracy there and one pass's speed where it is safe (most
+    normalization inputs)."""
     # ``x`` in its own dtype: the exact branch converts it itself, so that no
     # converted full-size copy becomes an operand of the cond.
     dtype = count.dtype
-    if weights is None:  # the conversion inside each sum (no converted copy)
-        total = reduce_sum(x, axes, dtype)
-        square_sum = reduce_sum(jnp.square(x.astype(dtype)), axes)
-    else:
-        xw = x.astype(dtype) * weights
-        total = reduce_sum(xw, axes)
-        square_sum = reduce_sum(xw * xw, axes)  # w in {0, 1}: no overflow at padding
-    mean = safe_div(total, count)
+    total = reduce_sum(x, axes, dtype)  # the conversion inside each sum
+    square_sum = reduce_sum(jnp.square(x.astype(dtype)), axes)
+    # A static count divides as jnp.mean does (the same rounding as Flax's exact
+    # statistics, whether jitted or not); a masked one may be 0.
+    mean = total / size if size else safe_div(total, count)
     m2_fast = square_sum - total * mean
 
     def exact() -> Array:
-        return _square_sum(x.astype(dtype) - mean, weights, axes)
+        return _square_sum(x.astype(dtype) - mean, valid, axes)
 
     safe = jnp.all(count * mean * mean <= _ONE_PASS_RATIO * m2_fast)
     m2 = jax.lax.cond(safe, lambda: jnp.maximum(m2_fast, 0.0), exact)
@@ -270,7 +288,7 @@ def merge(a: Moments, b: Moments) -> Moments:
     delta = b.mean - a.mean
     fraction_b = safe_div(b.count, count)
     mean = a.mean + delta * fraction_b
-    m2 = a.m2 + b.m2 + jnp.square(delta) * a.count * fraction_b
+    m2 = a.m2 + b.m2 + abs2(delta) * a.count * fraction_b
     return Moments(count, mean, m2)
 
 
@@ -279,7 +297,7 @@ def merge_over(m: Moments, axis: Axes, *, keepdims: bool = False) -> Moments:
     population) — exact, in one parallel step rather than a chain of merges."""
     count = jnp.sum(m.count, axis, keepdims=True)
     mean = safe_div(jnp.sum(m.count * m.mean, axis, keepdims=True), count)
-    m2 = jnp.sum(m.m2 + m.count * jnp.square(m.mean - mean), axis, keepdims=True)
+    m2 = jnp.sum(m.m2 + m.count * abs2(m.mean - mean), axis, keepdims=True)
     out = Moments(count, mean, m2)
     if not keepdims:
         out = Moments(*(jnp.squeeze(s, axis) for s in out))
@@ -306,7 +324,9 @@ def ema(
     """Running-average update in Flax's convention: ``momentum`` of the old value
     is kept (``momentum=0.99`` keeps 99 %). Where ``valid`` is False (a slot
     without any valid element in the batch) the old value is kept."""
-    new = momentum * running + (1.0 - momentum) * value.astype(running.dtype)
+    # A complex statistic (the mean of a complex input) makes the average complex.
+    dtype = value.dtype if jnp.iscomplexobj(value) else running.dtype
+    new = momentum * running + (1.0 - momentum) * value.astype(dtype)
     return new if valid is None else jnp.where(valid, new, running)
 
 

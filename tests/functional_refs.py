@@ -7,13 +7,14 @@ TOL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2, jnp.float16: 2e-3}
 
 
 def ref_normalize(x, axes, mask=None, eps=1e-6, center=True):
-    """Plain float64 normalization over ``axes``; masked elements do not count."""
+    """Plain float64 normalization over ``axes``; masked elements do not count
+    and normalize to 0 (a masked output is the bias alone)."""
     x = np.asarray(x, np.float64)
     w = np.ones_like(x) if mask is None else np.broadcast_to(mask, x.shape) * 1.0
     n = w.sum(axes, keepdims=True)
     mean = (x * w).sum(axes, keepdims=True) / np.maximum(n, 1) if center else 0.0
     var = (w * (x - mean) ** 2).sum(axes, keepdims=True) / np.maximum(n, 1)
-    return (x - mean) / np.sqrt(var + eps), mean, var
+    return np.where(w > 0, (x - mean) / np.sqrt(var + eps), 0.0), mean, var
 
 
 def ref_affine(y, scale, bias, feature_axes):

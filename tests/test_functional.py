@@ -144,5 +144,9 @@ def test_bad_input_gives_clear_errors():
         F.batch_norm(x, train=False)
     with pytest.raises(ValueError, match="does not broadcast"):
         F.layer_norm(x, mask=jnp.ones((3,), bool))
-    with pytest.raises(ValueError, match="feature_axes may not include axis 0"):
+    with pytest.raises(
+        ValueError,
+        match="The channel axes cannot include the leading dimension as this is "
+        "assumed to be the batch axis.",
+    ):
         F.instance_norm(x, feature_axes=0)

@@ -214,7 +214,8 @@ def test_batch_norm_causal_modes_match_references():
     y, new_run, _ = F.batch_norm(
         x32, None, running, train=True, causal="running", mask=mask, momentum=0.0
     )
-    np.testing.assert_allclose(y, F.batch_norm(x32, None, running, train=False).y)
+    evaluated = F.batch_norm(x32, None, running, train=False, mask=mask).y
+    np.testing.assert_allclose(y, evaluated)
     np.testing.assert_allclose(new_run["var"], new["var"], rtol=1e-5)
     with pytest.raises(ValueError, match="not a causal mode"):
         F.batch_norm(x32, None, running, train=True, causal="future")

@@ -25,9 +25,13 @@ def ref_psi2(x, valid=None):
     return (w * x**2).sum(0) / np.maximum(w.sum(), 1)
 
 
-def ref_forward(x, scale, bias, psi2):
-    """y = scale * x / sqrt(psi2 + eps) + bias, channels last."""
-    return scale * np.asarray(x, np.float64) / np.sqrt(psi2 + EPS) + bias
+def ref_forward(x, scale, bias, psi2, valid=None):
+    """y = scale * x / sqrt(psi2 + eps) + bias, channels last; the bias alone
+    where not ``valid``."""
+    x = np.asarray(x, np.float64)
+    if valid is not None:
+        x = np.where(np.broadcast_to(valid, x.shape), x, 0.0)
+    return scale * x / np.sqrt(psi2 + EPS) + bias
 
 
 def ref_algorithm2(x, dy, scale, psi2, nu, alpha, valid=None):
@@ -40,12 +44,12 @@ def ref_algorithm2(x, dy, scale, psi2, nu, alpha, valid=None):
     dy = np.asarray(dy, np.float64).reshape(-1, shape[-1])
     w = np.ones((x.shape[0], 1)) if valid is None else np.reshape(valid, (-1, 1)) * 1.0
     psi = np.sqrt(psi2 + EPS)
-    x_hat = x / psi
+    x_hat = w * x / psi  # a padded output is the bias alone
     g = scale * dy  # dL/dx_hat
     n = w.sum()
     gamma = (w * x_hat**2).sum(0) / n
     lam = (w * g * x_hat).sum(0) / n
-    dx = (g - w * nu * x_hat) / psi  # padded elements do not enter psi
+    dx = w * (g - nu * x_hat) / psi  # no gradient reaches padding
     nu_new = nu * (1 - (1 - alpha) * gamma) + (1 - alpha) * lam
     return dx.reshape(shape), (dy * x_hat).sum(0), dy.sum(0), nu_new
 
@@ -128,7 +132,7 @@ def test_train_forward_uses_previous_running_psi2_then_updates_it(masked):
     mask = valid if masked else None
     y, new_state = norm(x, params, state, train=True, momentum=0.9, mask=mask)
     # The forward divides by psi_{t-1}, the state passed in, not the batch's psi.
-    want = ref_forward(x, params["scale"], params["bias"], state["psi2"])
+    want = ref_forward(x, params["scale"], params["bias"], state["psi2"], mask)
     np.testing.assert_allclose(y, want, rtol=2e-5, atol=2e-5)
     psi2 = np.asarray(state["psi2"], np.float64)
     want_psi2 = 0.9 * psi2 + 0.1 * ref_psi2(x, mask)

@@ -43,6 +43,7 @@ class BatchMoments(NamedTuple):
       pooled: statistics of the whole batch, feature-shaped, for running averages
         (for ghost batches: the pooled mean and the pooled within-group m2).
       restore: maps an array shaped like ``x`` back to the input's shape.
+      mask: the validity mask in the layout of ``x`` (None: all valid).
       normalized: with ``epsilon`` given and non-causal statistics, ``x``
         standardized by ``moments`` and scaled and shifted by ``params`` if given
         (through :func:`normalize`'s fused backward); else None.
@@ -52,6 +53,7 @@ class BatchMoments(NamedTuple):
     moments: Moments
     pooled: Moments
     restore: Callable[[Array], Array]
+    mask: Array | None = None
     normalized: Array | None = None
 
 
@@ -171,7 +173,7 @@ def batch_moments(
         merged = stats.merge_over(pooled, group_axis)
         pooled = Moments(merged.count, merged.mean, jnp.sum(pooled.m2, group_axis))
     pooled = Moments(*(s.reshape(feature_shape) for s in pooled))
-    return BatchMoments(x, m, pooled, restore, normalized)
+    return BatchMoments(x, m, pooled, restore, mask, normalized)
 
 
 def check_batch_stats(
@@ -282,8 +284,8 @@ def batch_norm(
                 "batch_stats."
             )
         running = running_mean_var(batch_stats, broadcast)
-        y = affine(standardize(x, running, epsilon), params, feature_axes, name=name)
-        y = cast_output(y, x, dtype)
+        y = standardize(x, running, epsilon, broadcast_mask(mask, x))
+        y = cast_output(affine(y, params, feature_axes, name=name), x, dtype)
         if not train:
             return Normalized(y, batch_stats, {})
     b = batch_moments(
@@ -303,7 +305,7 @@ def batch_norm(
         if b.normalized is not None:  # the affine is folded in
             y = b.restore(b.normalized)
         else:
-            y = standardize(b.x, stats.mean_var(b.moments), epsilon)
+            y = standardize(b.x, stats.mean_var(b.moments), epsilon, b.mask)
             y = affine(b.restore(y), params, feature_axes, name=name)
         y = cast_output(y, x, dtype)
     new_stats = None

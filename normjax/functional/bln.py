@@ -135,9 +135,9 @@ def batch_layer_norm(
         axis_index_groups=axis_index_groups,
     )[0]
     weight = 1.0 / jnp.maximum(samples, 1.0)
-    y = weight * standardize(x, feature_part, epsilon) + (1 - weight) * standardize(
-        x, batch_part, epsilon
-    )
+    y = weight * standardize(x, feature_part, epsilon, mask) + (
+        1 - weight
+    ) * standardize(x, batch_part, epsilon, mask)
     y = cast_output(affine(y, params, feature_axes, name=name), x, dtype)
     if not train:
         return Normalized(y, batch_stats, {})

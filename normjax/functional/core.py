@@ -47,13 +47,21 @@ class NormalizeOutput(NamedTuple):
     moments: Moments
 
 
-def standardize(x: Array, mv: MeanVar, epsilon: float) -> Array:
+def standardize(
+    x: Array, mv: MeanVar, epsilon: float, mask: Array | None = None
+) -> Array:
     """``(x - mean) * rsqrt(var + epsilon)`` in the statistics' dtype; ``mv``
-    broadcasts against ``x`` (mean 0, var the mean square: RMS normalization)."""
+    broadcasts against ``x`` (mean 0, var the mean square: RMS normalization).
+
+    Where ``mask`` is False the result is 0, whatever ``x`` holds there (NaN and
+    inf included), and no gradient reaches ``x`` or the statistics from there.
+    """
     if epsilon < 0:
         raise ValueError(f"epsilon must be >= 0, got {epsilon}.")
     mean = jnp.asarray(mv.mean)
-    x = x.astype(mean.dtype)
+    x = x.astype(jnp.result_type(mean.dtype, x.dtype))
+    if mask is not None:  # masked: x - mean = mean - mean, exactly 0
+        x = jnp.where(mask, x, jnp.broadcast_to(mean, x.shape))
     return (x - mean) * jax.lax.rsqrt(mv.var + epsilon)
 
 
@@ -70,16 +78,17 @@ def normalize(
     feature_axes: Axes = (),
     name: str = "normalize",
 ) -> NormalizeOutput:
-    """``affine(standardize(x, mean_var(m), epsilon), params, feature_axes)`` with
-    ``m = stats.moments(x, axes, ...)`` (keepdims): the core of batch, layer, RMS,
-    instance and group norm. ``params`` ('scale' and/or 'bias', shaped like the
-    ``feature_axes`` of ``x``) are optional.
+    """``affine(standardize(x, mean_var(m), epsilon, mask), params, feature_axes)``
+    with ``m = stats.moments(x, axes, mask=mask, ...)`` (keepdims): the core of
+    batch, layer, RMS, instance and group norm. ``params`` ('scale' and/or
+    'bias', shaped like the ``feature_axes`` of ``x``) are optional. Masked
+    elements standardize to 0 (their output is the bias), whatever they hold.
 
     Without ``axis_name`` its backward pass is hand-derived (``jax.custom_vjp``,
     the derivation beside ``_normalize_bwd``): it saves only ``x``, the
     parameters and per-slot statistics, and needs one pass of reductions instead
-    of autodiff through the two-pass statistics. With ``axis_name`` it is plain
-    autodiff of the same forward (the collectives' transposes are left to JAX).
+    of autodiff through the two-pass statistics. With ``axis_name`` (or a
+    complex input) it is plain autodiff of the same forward.
     """
     if epsilon < 0:
         raise ValueError(f"epsilon must be >= 0, got {epsilon}.")
@@ -88,7 +97,7 @@ def normalize(
     check_params(x.shape, params, feature_axes, name=name)
     if mask is not None:
         mask = jnp.broadcast_to(jnp.asarray(mask, bool), x.shape)
-    if axis_name is not None:
+    if axis_name is not None or jnp.iscomplexobj(x):
         m = stats.moments(
             x,
             axes,
@@ -97,8 +106,8 @@ def normalize(
             axis_name=axis_name,
             axis_index_groups=axis_index_groups,
         )
-        y = affine(standardize(x, stats.mean_var(m), epsilon), params, feature_axes)
-        return NormalizeOutput(y, m)
+        y = standardize(x, stats.mean_var(m), epsilon, mask)
+        return NormalizeOutput(affine(y, params, feature_axes), m)
     params = params or {}
     y, m = _normalize(
         x,
@@ -142,6 +151,8 @@ def _normalize_fwd(
     dtype = m.mean.dtype
     shape = broadcast_shape(x.shape, feature_axes)
     y = (x.astype(dtype) - m.mean) * r
+    if mask is not None:  # selected: padding may hold NaN or inf
+        y = jnp.where(mask, y, 0.0)
     if scale is not None:
         y = y * scale.reshape(shape).astype(dtype)
     if bias is not None:
@@ -157,50 +168,59 @@ def _normalize_bwd(
     residuals: tuple[Any, ...],
     cotangents: tuple[Array, Moments],
 ) -> tuple[Array, None, Array | None, Array | None]:
-    # With c = x - mean, r the reciprocal std, w the mask and 1/n (0 for an empty
-    # slot), g = dy * scale, and sums over ``axes`` of every position (the outputs
-    # at masked positions depend on the statistics too):
-    #   dx = r g + w (c A + B),  A = 2 dm2 - r^3/n sum(g c),
+    # The forward is y = w c r * scale + bias with w the mask, c = x - mean and r
+    # the reciprocal std: a masked output is the bias alone. With 1/n (0 for an
+    # empty slot), g = dy * scale and sums over ``axes`` of the valid positions:
+    #   dx = w (r g + c A + B),  A = 2 dm2 - r^3/n sum(g c),
     #                            B = (dmean - r sum(g)) / n   (centred only),
-    #   dscale = sum(dy c r),  dbias = sum(dy)           (sums over the others),
+    #   dscale = sum(dy w c r),  dbias = sum(dy)         (sums over the others),
     # where dmean, dm2 are the cotangents of the returned moments (d mean/dx = w/n,
-    # d m2/dx = 2 w c). One fused reduction pass over (x, dy), then one
-    # elementwise pass; the centring inside the sums keeps them exact when
-    # |mean| >> std.
+    # d m2/dx = 2 w c). c is taken 0 where w is: padding may hold NaN or inf.
+    # One fused reduction pass over (x, dy), then one elementwise pass; the
+    # centring inside the sums keeps them exact when |mean| >> std.
     x, mask, scale, bias, count, mean, r = residuals
     dy, dm = cotangents
     dtype = mean.dtype
     dy = dy.astype(dtype)
     centred = x.astype(dtype) - mean
+    if mask is not None:
+        centred = jnp.where(mask, centred, 0.0)
     others = other_axes(x.ndim, feature_axes)
     shape = broadcast_shape(x.shape, feature_axes)
     scale_b = None if scale is None else scale.reshape(shape).astype(dtype)
     pooled = tuple(a for a in axes if a not in feature_axes)
-    sum_dy: Array | None
+    # The mean term sums g over the valid positions only (a masked output is the
+    # bias, whatever the mean): dy itself may be anything at padding.
+    dy_valid = dy if mask is None else jnp.where(mask, dy, 0.0)
+    sum_dy: Array | None = None
     if pooled:
         # Batch and group norm: the parameters are constant along the ``pooled``
         # axes, so sums over them of dy and dy c (c = x - mean) first; every
         # other sum, and the scale, then work on those small partial sums (no
         # scaled or standardized full-size copy for XLA to materialize).
         part_dy = stats.reduce_sum(dy, pooled)
-        part_dyc = stats.reduce_sum(dy * centred, pooled)
+        part_dyc = stats.reduce_sum(dy_valid * centred, pooled)
+        part_valid = part_dy if mask is None else stats.reduce_sum(dy_valid, pooled)
         rest = tuple(a for a in others if a not in pooled)  # e.g. ghost groups
         dbias = None if bias is None else jnp.sum(part_dy, rest, keepdims=True)
         dscale = None if scale is None else jnp.sum(r * part_dyc, rest, keepdims=True)
         if scale_b is not None:
-            part_dy, part_dyc, dy = part_dy * scale_b, part_dyc * scale_b, dy * scale_b
+            part_valid, part_dyc = part_valid * scale_b, part_dyc * scale_b
+            dy = dy * scale_b
         within = tuple(a for a in axes if a not in pooled)  # group norm's channels
-        sum_dy = jnp.sum(part_dy, within, keepdims=True)
+        if center:
+            sum_dy = jnp.sum(part_valid, within, keepdims=True)
         sum_dyc = jnp.sum(part_dyc, within, keepdims=True)
     else:  # layer/RMS norm over the features
         dscale = dbias = None
         if bias is not None:
             dbias = stats.reduce_sum(dy, others)
         if scale_b is not None:
-            dscale = stats.reduce_sum(dy * (centred * r), others)
-            dy = dy * scale_b
-        sum_dyc = stats.reduce_sum(dy * centred, axes)
-        sum_dy = stats.reduce_sum(dy, axes) if center else None
+            dscale = stats.reduce_sum(dy_valid * (centred * r), others)
+            dy, dy_valid = dy * scale_b, dy_valid * scale_b
+        sum_dyc = stats.reduce_sum(dy_valid * centred, axes)
+        if center:
+            sum_dy = stats.reduce_sum(dy_valid, axes)
     if dbias is not None:
         dbias = dbias.reshape(bias.shape).astype(bias.dtype)
     if dscale is not None:
@@ -208,14 +228,11 @@ def _normalize_bwd(
     inv_n = stats.safe_div(jnp.ones_like(count), count)
     dm2 = dm.m2.astype(dtype)
     a = 2.0 * dm2 - r * r * r * inv_n * sum_dyc
-    if center:
-        b = inv_n * (dm.mean.astype(dtype) - r * sum_dy)
-        correction = centred * a + b
-    else:
-        correction = centred * a
+    dx = r * dy + centred * a
+    if sum_dy is not None:
+        dx = dx + inv_n * (dm.mean.astype(dtype) - r * sum_dy)
     if mask is not None:
-        correction = jnp.where(mask, correction, 0.0)
-    dx = r * dy + correction
+        dx = jnp.where(mask, dx, 0.0)
     return dx.astype(x.dtype), None, dscale, dbias
 
 

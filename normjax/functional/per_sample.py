@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from normjax import stats
 from normjax.functional.causal import Causal, parse_causal
@@ -67,7 +68,7 @@ def _per_sample_norm(
             axis_index_groups=axis_index_groups,
             cumulative_axis=time_axis,
         )
-        y = standardize(x, stats.mean_var(m), epsilon)
+        y = standardize(x, stats.mean_var(m), epsilon, mask)
         y = affine(y, params, feature_axes, name=name)
     else:  # statistics, standardize and affine fused, with the hand-derived backward
         y = normalize(
@@ -178,14 +179,17 @@ def instance_norm(
     )
     if 0 in feature_axes:
         raise ValueError(
-            "instance_norm: feature_axes may not include axis 0, the batch axis."
+            "instance_norm: The channel axes cannot include the leading dimension "
+            "as this is assumed to be the batch axis. Got feature_axes="
+            f"{feature_axes} for an input of shape {x.shape}."
         )
     reduction_axes = other_axes(x.ndim, (0, *feature_axes))
     if not reduction_axes:
-        raise ValueError(
-            f"instance_norm: an input of shape {x.shape} with feature_axes "
-            f"{feature_axes} leaves no axis to reduce; it needs at least one axis "
-            "between the batch and the features."
+        # Every non-batch axis is a feature: each statistic is one element, and
+        # the centred input is 0 (as Flax's InstanceNorm returns).
+        y = jnp.zeros(x.shape, stats.stat_dtype(x.dtype))
+        return cast_output(
+            affine(y, params, feature_axes, name="instance_norm"), x, dtype
         )
     return _per_sample_norm(
         x,
@@ -258,12 +262,12 @@ def group_moments(
     causal: Causal | None = False,
     time_axis: int = 1,
     name: str = "group_norm",
-) -> tuple[Array, Moments]:
+) -> tuple[Array, Moments, Array | None]:
     """Splits the channels (last axis) into groups and reduces each group.
 
-    x_NxHxWxC -> (x_NxHxWxGx(C/G), moments_Nx1x1xGx1) for the default
-    ``reduction_axes`` (every axis but the batch axis 0; they must include the
-    last axis). Shared by group norm, the prior norm and EvoNorm.
+    x_NxHxWxC -> (x_NxHxWxGx(C/G), moments_Nx1x1xGx1, the mask grouped alike) for
+    the default ``reduction_axes`` (every axis but the batch axis 0; they must
+    include the last axis). Shared by group norm, the prior norm and EvoNorm.
     """
     mode = parse_causal(causal, supported=SUPPORTED_CAUSAL, name=name)
     x_grouped, axes, mask = _group_split(
@@ -282,7 +286,7 @@ def group_moments(
         axis_index_groups=axis_index_groups,
         cumulative_axis=None if mode is None else time_axis,
     )
-    return x_grouped, m
+    return x_grouped, m, mask
 
 
 def group_norm(
@@ -310,7 +314,7 @@ def group_norm(
     """
     name = "group_norm"
     if parse_causal(causal, supported=SUPPORTED_CAUSAL, name=name) is not None:
-        x_grouped, m = group_moments(
+        x_grouped, m, grouped_mask = group_moments(
             x,
             num_groups=num_groups,
             group_size=group_size,
@@ -321,7 +325,8 @@ def group_norm(
             causal=causal,
             time_axis=time_axis,
         )
-        y = standardize(x_grouped, stats.mean_var(m), epsilon).reshape(x.shape)
+        y = standardize(x_grouped, stats.mean_var(m), epsilon, grouped_mask)
+        y = y.reshape(x.shape)
         y = affine(y, params, (x.ndim - 1,), name=name)
         return cast_output(y, x, dtype)
     x_grouped, axes, mask = _group_split(
@@ -371,7 +376,7 @@ def evonorm_s0(
     """
     params = dict(params or {})
     v = params.pop("v", None)
-    x_grouped, m = group_moments(
+    x_grouped, m, _ = group_moments(
         x,
         num_groups=num_groups,
         group_size=group_size,
@@ -383,6 +388,9 @@ def evonorm_s0(
     )
     inv_std = jax.lax.rsqrt(stats.variance(m) + epsilon)
     x32 = x.astype(inv_std.dtype)
+    mask = broadcast_mask(mask, x)
+    if mask is not None:  # padding: 0 before the affine, whatever it holds
+        x32 = jnp.where(mask, x32, 0.0)
     gate = x32 if v is None else x32 * v.astype(x32.dtype)
     numerator = x32 * jax.nn.sigmoid(gate)
     y = (numerator.reshape(x_grouped.shape) * inv_std).reshape(x.shape)

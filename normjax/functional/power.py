@@ -23,14 +23,15 @@ pmean it, do not sum it. The authors' ``ema_gz`` is nu / (1 - alpha).
 
 Departures from the authors' code (sIncerass/powernorm): the backward divides by
 the running psi_{t-1}, as Algorithm 2 says (the code: the batch psi after
-warm-up); Gamma and Lambda count valid elements only (padded elements get
-dL/dx = g / psi); during ``warmup_steps`` the forward divides by the batch psi,
-with the exact gradient by default (``warmup_gradient='approximate'``: the
-code's), nu is updated (warm at the switch), and psi2 is the plain mean of the
-warm-up batches'; the code's ``GroupScaling1D`` is left out (compose with
-``rms_norm``). ``variant='pn-v'`` is the paper's PN-V: the batch psi forward, the
-exact gradient, no nu. Causal modes only matter where a batch psi enters the
-forward (warm-up, PN-V); ``'running'`` never uses one.
+warm-up); Gamma and Lambda count valid elements only (a padded element's output
+is the bias, with no gradient to its input); during ``warmup_steps`` the forward
+divides by the batch psi, with the exact gradient by default
+(``warmup_gradient='approximate'``: the code's), nu is updated (warm at the
+switch), and psi2 is the plain mean of the warm-up batches'; the code's
+``GroupScaling1D`` is left out (compose with ``rms_norm``). ``variant='pn-v'`` is
+the paper's PN-V: the batch psi forward, the exact gradient, no nu. Causal modes
+only matter where a batch psi enters the forward (warm-up, PN-V); ``'running'``
+never uses one.
 """
 
 from __future__ import annotations
@@ -71,24 +72,29 @@ def _power_scale_fn(
     nu_momentum: float,
     may_be_exact: bool,
 ) -> Callable[..., Array]:
-    """``x * inv_psi`` whose VJP is Algorithm 2's, with nu's cotangent the nu
-    increment. ``exact`` (a 0/1 scalar, traced) switches to the exact gradient
-    for ``inv_psi`` computed from the batch (warm-up)."""
+    """``x * inv_psi`` (0 where ``mask`` is False) whose VJP is Algorithm 2's,
+    with nu's cotangent the nu increment. ``exact`` (a 0/1 scalar, traced)
+    switches to the exact gradient for ``inv_psi`` computed from the batch
+    (warm-up)."""
+
+    def selected(x: Array, mask: Array | None, dtype: Any) -> Array:
+        x = x.astype(dtype)
+        return x if mask is None else jnp.where(mask, x, 0.0)
 
     @jax.custom_vjp
     def power_scale(
         x: Array, inv_psi: Array, nu: Array, mask: Array | None, exact: Array
     ) -> Array:
-        return x.astype(inv_psi.dtype) * inv_psi
+        return selected(x, mask, inv_psi.dtype) * inv_psi
 
     def forward(x: Array, inv_psi: Array, nu: Array, mask: Any, exact: Array):
         return power_scale(x, inv_psi, nu, mask, exact), (x, inv_psi, nu, mask, exact)
 
     def backward(residuals: tuple, g_xhat: Array) -> tuple:
         x, inv_psi, nu, mask, exact = residuals
-        x_stat = x.astype(inv_psi.dtype)
+        x_stat = selected(x, mask, inv_psi.dtype)  # padding may hold NaN or inf
         x_hat = x_stat * inv_psi
-        g_xhat = g_xhat.astype(inv_psi.dtype)
+        g_xhat = selected(g_xhat, mask, inv_psi.dtype)  # masked outputs are 0
         # Gamma = mean(x_hat^2) and Lambda = mean(g * x_hat) over the whole batch
         # (all devices), valid elements only.
         m = stats.moments(
@@ -110,10 +116,7 @@ def _power_scale_fn(
         lambda_stat = stats.safe_div(lambda_sum, m.count)
         nu_increment = (1.0 - nu_momentum) * (lambda_stat - nu * gamma_stat)
 
-        correction = nu * x_hat
-        if mask is not None:
-            correction = jnp.where(mask, correction, 0.0)
-        dx = (g_xhat - (1.0 - exact) * correction) * inv_psi
+        dx = (g_xhat - (1.0 - exact) * nu * x_hat) * inv_psi
         if may_be_exact:
             summed = tuple(
                 i
@@ -308,7 +311,8 @@ def power_norm(
 
     if not train:
         assert running is not None
-        y = affine(standardize(x, running, epsilon), params, feature_axes, name=name)
+        y = standardize(x, running, epsilon, broadcast_mask(mask, x))
+        y = affine(y, params, feature_axes, name=name)
         return Normalized(y.astype(out_dtype), state, {})
 
     mask = broadcast_mask(mask, x)
@@ -332,7 +336,8 @@ def power_norm(
         if not batch_forward:  # causal='running'
             assert running is not None
             divisor = running
-        y = affine(standardize(x, divisor, epsilon), params, feature_axes, name=name)
+        y = standardize(x, divisor, epsilon, mask)
+        y = affine(y, params, feature_axes, name=name)
         if state is None:
             return Normalized(y.astype(out_dtype), None, {})
         psi2 = state["psi2"]

@@ -16,7 +16,6 @@ from normjax.functional.core import (
     Normalized,
     Params,
     affine,
-    broadcast_mask,
     cast_output,
     other_axes,
     standardize,
@@ -70,7 +69,7 @@ def prior_norm(
     prior_mean = params.pop("prior_mean", None)
     prior_scale = params.pop("prior_scale", None)
     channels = x.shape[-1]
-    x_grouped, m = group_moments(
+    x_grouped, m, grouped_mask = group_moments(
         x,
         num_groups=num_groups,
         group_size=group_size,
@@ -92,7 +91,7 @@ def prior_norm(
         batch_stats["var"].reshape(group_shape),
     )
     sample = stats.mean_var(m)
-    y = standardize(x_grouped, sample, epsilon).reshape(x.shape)
+    y = standardize(x_grouped, sample, epsilon, grouped_mask).reshape(x.shape)
     y = affine(y, params, (x.ndim - 1,), name=name).reshape(x_grouped.shape)
     offsets = {
         "prior_mean": (
@@ -112,18 +111,20 @@ def prior_norm(
                 f"{name}: params[{key!r}] must have shape ({channels},), got "
                 f"{coefficient.shape}."
             )
-        y = y + coefficient.reshape(groups, channels // groups).astype(y.dtype) * offset
+        shift = coefficient.reshape(groups, channels // groups).astype(y.dtype) * offset
+        if grouped_mask is not None:  # padding: the bias alone, as every norm
+            shift = jnp.where(grouped_mask, shift, 0.0)
+        y = y + shift
     y = cast_output(y.reshape(x.shape), x, dtype)
     if not train:
         return Normalized(y, batch_stats, {})
     # Population statistics per group: the group's moments over everything else
     # (batch, space/time, the group's channels), pooled over devices.
     group_axis = x_grouped.ndim - 2
-    grouped_mask = broadcast_mask(mask, x)
     pooled = stats.moments(
         x_grouped,
         other_axes(x_grouped.ndim, (group_axis,)),
-        mask=None if grouped_mask is None else grouped_mask.reshape(x_grouped.shape),
+        mask=grouped_mask,
         axis_name=axis_name,
         axis_index_groups=axis_index_groups,
         keepdims=False,

@@ -20,6 +20,7 @@ from normjax.functional.core import (
     Normalized,
     Params,
     affine,
+    broadcast_mask,
     cast_output,
     feature_layout,
     standardize,
@@ -87,8 +88,8 @@ def batch_renorm(
     mode = parse_causal(causal, name=name)
     running = running_mean_var(batch_stats, broadcast)
     if not train or mode == "running":
-        y = affine(standardize(x, running, epsilon), params, feature_axes, name=name)
-        y = cast_output(y, x, dtype)
+        y = standardize(x, running, epsilon, broadcast_mask(mask, x))
+        y = cast_output(affine(y, params, feature_axes, name=name), x, dtype)
         if not train:
             return Normalized(y, batch_stats, {})
     b = batch_moments(
@@ -107,7 +108,9 @@ def batch_renorm(
         d = jax.lax.stop_gradient(
             jnp.clip((b.moments.mean - running.mean) / sigma, -d_max, d_max)
         )
-        x_hat = (x.astype(sigma.dtype) - b.moments.mean) / sigma_batch * r + d
+        x_hat = standardize(x, stats.mean_var(b.moments), epsilon, b.mask) * r + d
+        if b.mask is not None:  # padding: 0 before the affine, as every norm
+            x_hat = jnp.where(b.mask, x_hat, 0.0)
         y = cast_output(affine(x_hat, params, feature_axes, name=name), x, dtype)
     new_stats = update_running(batch_stats, b.pooled, momentum)
     return Normalized(y, new_stats, {"": b.pooled})
