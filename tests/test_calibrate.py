@@ -226,6 +226,44 @@ def test_precise_with_masks_counts_only_valid_elements(mlp):
     np.testing.assert_array_equal(moments["BatchNorm_0"]["count"], count)
 
 
+@pytest.mark.parametrize("poison", [np.nan, np.inf], ids=["nan", "inf"])
+def test_precise_statistics_and_every_source_ignore_what_padding_holds(mlp, poison):
+    model, variables = mlp
+    sizes = [6, 9]
+    batches = _batches((3,), sizes=sizes, seed=5)
+    rng = np.random.default_rng(6)
+    masks = [rng.random((n, 1)) < 0.6 for n in sizes]
+    for m in masks:
+        m[0] = True
+
+    def planted(value):
+        return [np.where(m, x, value) for x, m in zip(batches, masks, strict=True)]
+
+    def precise(batches):
+        return calibrate.precise_batch_stats(
+            model, variables, list(zip(batches, masks, strict=True)), train=False
+        )
+
+    clean, poisoned = precise(planted(0.0)), precise(planted(poison))
+    jax.tree.map(np.testing.assert_array_equal, poisoned, clean)
+    evaluator = calibrate.Evaluator(model, train=False)
+    for source in calibrate.SOURCES:
+        outputs = [
+            evaluator(
+                variables,
+                (jnp.asarray(x), masks[0]),
+                source=source,
+                precise_stats=clean,
+            )
+            for x in (planted(0.0)[0], planted(poison)[0])
+        ]
+        valid = np.broadcast_to(masks[0], outputs[0].shape)
+        assert np.all(np.isfinite(outputs[1]))
+        np.testing.assert_array_equal(
+            np.asarray(outputs[1])[valid], np.asarray(outputs[0])[valid]
+        )
+
+
 def test_num_batches_takes_the_first_batches_of_any_iterable(mlp):
     model, variables = mlp
     batches = _batches((3,), sizes=[8, 8, 8, 8], seed=5)

@@ -150,3 +150,70 @@ def test_bad_input_gives_clear_errors():
         "assumed to be the batch axis.",
     ):
         F.instance_norm(x, feature_axes=0)
+
+
+def _running(features, *extra):
+    stats_ = {"mean": jnp.zeros(features), "var": jnp.ones(features)}
+    for key in extra:
+        stats_[key] = jnp.zeros(()) if key.endswith("mean") else jnp.ones(())
+    return stats_
+
+
+POOLED_OVER_DEVICES = {
+    "batch_norm": lambda x, m, a: F.batch_norm(
+        x, None, _running(4), train=True, mask=m, axis_name=a
+    ),
+    "batch_renorm": lambda x, m, a: F.batch_renorm(
+        x, None, _running(4), train=True, mask=m, axis_name=a
+    ),
+    "batch_layer_norm": lambda x, m, a: F.batch_layer_norm(
+        x,
+        None,
+        _running(4, "feature_mean", "feature_var"),
+        train=True,
+        mask=m,
+        axis_name=a,
+    ),
+    "prior_norm": lambda x, m, a: F.prior_norm(
+        x, None, _running(2), train=True, num_groups=2, mask=m, axis_name=a
+    ),
+    "power_norm": lambda x, m, a: F.power_norm(
+        x, None, {"psi2": jnp.ones(4)}, train=True, variant="pn-v", mask=m, axis_name=a
+    ),
+    "layer_norm": lambda x, m, a: (F.layer_norm(x, mask=m, axis_name=a), None),
+}
+
+
+def _valid_loss_and_grads(fn, x, mask):
+    """Output, new statistics, and the gradient w.r.t. x of a loss over the valid
+    outputs, on one "device" of a vmap with axis_name 'd'."""
+
+    def loss(x):
+        out = fn(x, mask, "d")
+        y, new = (out.y, out.batch_stats) if hasattr(out, "y") else out
+        return jnp.sum(jnp.where(mask, jnp.sin(y), 0.0)), (y, new)
+
+    (_, (y, new)), grad = jax.value_and_grad(loss, has_aux=True)(x)
+    return y, new, grad
+
+
+@pytest.mark.parametrize("name", sorted(POOLED_OVER_DEVICES))
+@pytest.mark.parametrize("poison", [jnp.nan, jnp.inf], ids=["nan", "inf"])
+def test_padding_pooled_over_devices_reaches_nothing(name, poison):
+    """Two "devices" (vmap with axis_name) holding different numbers of valid
+    elements, NaN or inf planted in the padding: outputs, statistics and
+    gradients as with zeros planted, and finite."""
+    fn = POOLED_OVER_DEVICES[name]
+    rng = np.random.default_rng(11)
+    x = jnp.asarray(rng.normal(1, 2, size=(2, 4, 3, 4)), jnp.float32)
+    mask = jnp.asarray(rng.random((2, 4, 3, 1)) < 0.6).at[:, 0].set(True)
+    devices = jax.vmap(
+        lambda x, m: _valid_loss_and_grads(fn, x, m), axis_name="d", in_axes=(0, 0)
+    )
+    clean = devices(jnp.where(mask, x, 0.0), mask)
+    poisoned = devices(jnp.where(mask, x, poison), mask)
+    for got, want in zip(
+        jax.tree.leaves(poisoned), jax.tree.leaves(clean), strict=True
+    ):
+        assert np.all(np.isfinite(got))
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)

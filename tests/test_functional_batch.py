@@ -219,3 +219,31 @@ def test_batch_norm_causal_modes_match_references():
     np.testing.assert_allclose(new_run["var"], new["var"], rtol=1e-5)
     with pytest.raises(ValueError, match="not a causal mode"):
         F.batch_norm(x32, None, running, train=True, causal="future")
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_complex_batch_norm_matches_float64_reference(masked):
+    rng = np.random.default_rng(31)
+    shape = (6, 5, 3)
+    x = rng.normal(1, 2, size=shape) + 1j * rng.normal(-1, 0.5, size=shape)
+    mask = rng.random((6, 5, 1)) < 0.7 if masked else np.ones((6, 5, 1), bool)
+    mask[0, 0] = True
+    w = np.broadcast_to(mask, shape)
+    n = w.sum((0, 1))
+    mean = (np.where(w, x, 0)).sum((0, 1)) / n
+    var = (np.where(w, np.abs(x - mean) ** 2, 0)).sum((0, 1)) / n  # real
+    want = np.where(w, (x - mean) / np.sqrt(var + 1e-5), 0)
+    running = {"mean": jnp.zeros(3), "var": jnp.ones(3)}
+    x64 = jnp.asarray(np.where(w, x, np.nan), jnp.complex64)
+    y, new, _ = F.batch_norm(
+        x64, None, running, train=True, momentum=0.9, mask=mask if masked else None
+    )
+    assert y.dtype == jnp.complex64
+    np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4)
+    assert jnp.iscomplexobj(new["mean"]) and not jnp.iscomplexobj(new["var"])
+    np.testing.assert_allclose(new["mean"], 0.1 * mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(new["var"], 0.9 + 0.1 * var, rtol=1e-5)
+    # evaluation with the complex running mean
+    y_eval, _, _ = F.batch_norm(x64, None, new, train=False, mask=mask)
+    want_eval = np.where(w, (x - 0.1 * mean) / np.sqrt(0.9 + 0.1 * var + 1e-5), 0)
+    np.testing.assert_allclose(y_eval, want_eval, rtol=1e-4, atol=1e-4)

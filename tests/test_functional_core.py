@@ -93,3 +93,29 @@ def test_normalize_fully_masked_slots_and_axis_name_path():
 def test_normalize_rejects_negative_epsilon():
     with pytest.raises(ValueError, match="epsilon must be >= 0"):
         F.normalize(jnp.ones((2, 3)), -1, epsilon=-1.0)
+
+
+@pytest.mark.parametrize("shape,axes", NORMALIZE_CASES)
+@pytest.mark.parametrize("center", [True, False], ids=["centred", "uncentred"])
+@pytest.mark.parametrize("poison", [jnp.nan, jnp.inf, -jnp.inf])
+def test_normalize_backward_ignores_what_padding_holds(shape, axes, center, poison):
+    rng = np.random.default_rng(hash((shape, axes, center)) % 2**32)
+    x = jnp.asarray(rng.normal(2, 3, size=shape), jnp.float32)
+    mask = jnp.asarray(rng.random(shape) > 0.3)
+    w = jnp.asarray(rng.normal(size=shape), jnp.float32)
+
+    def loss(x):
+        y, m = F.normalize(x, axes, epsilon=1e-5, mask=mask, center=center)
+        return (
+            jnp.sum(jnp.where(mask, w * y, 0.0))
+            + jnp.sum(jnp.sin(m.mean))
+            + 0.1 * jnp.sum(jnp.cos(m.m2 / 10))
+        )
+
+    clean = jax.jit(jax.value_and_grad(loss))(jnp.where(mask, x, 0.0))
+    poisoned = jax.jit(jax.value_and_grad(loss))(jnp.where(mask, x, poison))
+    for got, want in zip(poisoned, clean, strict=True):
+        assert np.all(np.isfinite(got))
+        np.testing.assert_array_equal(got, want)
+    y, _ = F.normalize(jnp.where(mask, x, poison), axes, epsilon=1e-5, mask=mask)
+    np.testing.assert_array_equal(np.asarray(y)[~np.asarray(mask)], 0.0)

@@ -230,3 +230,77 @@ def test_a_custom_norm_without_a_causal_field_refuses_causal_modes():
             normjax.make_norm("plain_test", causal=True)
     finally:
         normjax.registry.unregister("plain_test")
+
+
+POISONS = {"nan": jnp.nan, "inf": jnp.inf, "-inf": -jnp.inf}
+
+
+def _grads(norm, variables, x, mask, train):
+    """Output, new statistics and the gradients of a loss over the valid outputs
+    w.r.t. the parameters and the input."""
+
+    def loss(params, x):
+        y, state = norm.apply(
+            {**variables, "params": params},
+            x,
+            use_running_average=not train,
+            mask=mask,
+            mutable=["batch_stats"],
+        )
+        valid = jnp.broadcast_to(mask, y.shape)
+        return jnp.sum(jnp.where(valid, jnp.sin(y), 0.0)), (y, state)
+
+    (_, (y, state)), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
+        variables.get("params", {}), x
+    )
+    return y, state, grads
+
+
+@pytest.mark.parametrize("name", normjax.names())
+@pytest.mark.parametrize(
+    "shape,causal",
+    [((4, 5, 5, 16), False), ((3, 7, 16), False), ((3, 7, 16), "cumulative")],
+    ids=["images", "tokens", "tokens-causal"],
+)
+def test_nan_and_inf_in_padding_reach_nothing(name, shape, causal):
+    norm = normjax.make_norm(name, causal=causal)
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.normal(1.0, 2.0, size=shape), jnp.float32)
+    mask = (
+        jnp.asarray(rng.random(shape[:-1] + (1,)) < 0.6).at[(0,) * len(shape)].set(True)
+    )
+    variables = _trained_variables(norm, x)
+    for train in (True, False):
+        clean = _grads(norm, variables, jnp.where(mask, x, 0.0), mask, train)
+        valid = np.broadcast_to(np.asarray(mask), shape)
+        for poison in POISONS.values():
+            y, state, grads = _grads(
+                norm, variables, jnp.where(mask, x, poison), mask, train
+            )
+            assert np.all(np.isfinite(y))  # padding's own outputs too
+            np.testing.assert_allclose(
+                np.asarray(y)[valid], np.asarray(clean[0])[valid]
+            )
+            jax.tree.map(np.testing.assert_array_equal, state, clean[1])
+            for got, want in zip(
+                jax.tree.leaves(grads), jax.tree.leaves(clean[2]), strict=True
+            ):
+                assert np.all(np.isfinite(got))
+                np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["batch", "batch_renorm", "bln", "power"])
+def test_nan_in_padding_reaches_nothing_per_position(name):
+    norm = normjax.make_norm(name, causal="per_position")
+    rng = np.random.default_rng(8)
+    x = jnp.asarray(rng.normal(1.0, 2.0, size=(4, 6, 16)), jnp.float32)
+    mask = jnp.asarray(rng.random((4, 6, 1)) < 0.6).at[0].set(True)
+    variables = _trained_variables(norm, x)
+    clean = _grads(norm, variables, jnp.where(mask, x, 0.0), mask, True)
+    y, state, grads = _grads(norm, variables, jnp.where(mask, x, jnp.nan), mask, True)
+    assert np.all(np.isfinite(y))
+    jax.tree.map(np.testing.assert_array_equal, state, clean[1])
+    for got, want in zip(
+        jax.tree.leaves(grads), jax.tree.leaves(clean[2]), strict=True
+    ):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)

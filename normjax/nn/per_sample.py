@@ -245,7 +245,9 @@ class EvoNormS0(nn.Module):
 
 
 class Identity(nn.Module):
-    """No normalization (the registry's ``'none'``), with the common call signature."""
+    """No normalization (the registry's ``'none'``), with the common call
+    signature. As every norm, it outputs 0 at masked elements, whatever they
+    hold."""
 
     supported_causal: ClassVar[tuple[str, ...]] = CAUSAL_MODES
     causal: Causal = False
@@ -258,5 +260,6 @@ class Identity(nn.Module):
         *,
         mask: Array | None = None,
     ) -> Array:
-        del use_running_average, mask
-        return x
+        del use_running_average
+        mask = F.broadcast_mask(mask, x)
+        return x if mask is None else jnp.where(mask, x, jnp.zeros((), x.dtype))
