@@ -28,6 +28,7 @@ from normjax import calibrate, models, registry
 from normjax.data import text
 from normjax.functional import CAUSAL_MODES, Causal
 from normjax.train import TrainState, train_and_evaluate
+from normjax.train.resume import check_config
 from normjax.train.plots import plot_curves
 
 Array = jax.Array
@@ -239,6 +240,7 @@ class TextTask:
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Builds the tokenizer, model and task and trains; returns the summary."""
     registry.entry(config.norm)
+    check_config(workdir, config)  # before the tokenizer is read or trained
     task = TextTask(config, workdir)
     model = build_model(config, task.tokenizer.vocab_size)
     summary = train_and_evaluate(config, workdir, model, task)

@@ -14,6 +14,7 @@ from run_metrics import train_rows
 from experiments import cifar as experiment
 from experiments.configs import cifar as configs
 from normjax.data.cifar import DataNotFoundError
+from normjax.train.resume import ConfigMismatchError
 
 DATA_DIR, _WHY = tfds_data.find("cifar10")
 needs_data = tfds_data.needs("cifar10")
@@ -54,6 +55,24 @@ def test_tiny_run_writes_every_artifact_and_resumes_identically(tmp_path, monkey
     resumed = experiment.run(tiny(), str(tmp_path / "killed"))
     assert train_rows(tmp_path / "killed") == train_rows(whole)
     assert resumed["test_accuracy"] == summary["test_accuracy"]
+
+    # A changed configuration is refused, naming what differs; the files stay.
+    before = {p.name: p.read_bytes() for p in whole.iterdir() if p.is_file()}
+    for change, named in (
+        ({"learning_rate": 0.2}, "learning_rate: 0.1 in the workdir, 0.2 now"),
+        ({"norm": "layer"}, "norm: 'batch' in the workdir, 'layer' now"),
+        ({"model": "resnet", "depth": 8}, "model: 'fast_cnn' in the workdir"),
+    ):
+        with pytest.raises(ConfigMismatchError, match=named) as refused:
+            experiment.run(tiny(**change), str(whole))
+        assert "--config.resume=force" in str(refused.value)
+    after = {p.name: p.read_bytes() for p in whole.iterdir() if p.is_file()}
+    assert after == before
+    # Fields that cannot change the result may: the finished run, as it was.
+    assert experiment.run(tiny(log_every=3, progress=True), str(whole)) == saved
+    # A forced resume into another architecture: a clear error, not orbax's.
+    with pytest.raises(ValueError, match="does not fit this model"):
+        experiment.run(tiny(model="resnet", depth=8, resume="force"), str(whole))
 
 
 @needs_data

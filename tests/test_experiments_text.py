@@ -11,6 +11,7 @@ from run_metrics import train_rows
 from experiments import text as experiment
 from experiments.configs import text as configs
 from normjax.data.text import DataNotFoundError
+from normjax.train.resume import ConfigMismatchError
 
 DATA_DIR, _WHY = tfds_data.find("tiny_shakespeare")
 needs_data = tfds_data.needs("tiny_shakespeare")
@@ -83,6 +84,19 @@ def test_tiny_bpe_run_writes_every_artifact_and_resumes_identically(
     assert (killed_dir / "tokenizer.json").read_text() == tokenizer_file
     assert train_rows(killed_dir) == train_rows(whole)
     assert resumed["val_loss"] == summary["val_loss"]
+    # Another tokenizer or norm in the same workdir: refused before the tokenizer
+    # or the model is touched.
+    for change, named in (
+        ({"tokenizer": "byte"}, "tokenizer: 'bpe' in the workdir, 'byte' now"),
+        ({"norm": "layer"}, "norm: 'batch' in the workdir, 'layer' now"),
+    ):
+        with pytest.raises(ConfigMismatchError, match=named):
+            experiment.run(
+                tiny(**{**dict(tokenizer="bpe", norm="batch"), **change}), str(whole)
+            )
+    assert (whole / "tokenizer.json").read_text() == (
+        killed_dir / "tokenizer.json"
+    ).read_text()
 
 
 @needs_data

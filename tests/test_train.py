@@ -13,7 +13,7 @@ import pytest
 from synthetic_task import Net, SyntheticTask, config
 
 from normjax import train
-from normjax.train import loop
+from normjax.train import loop, resume
 
 
 def test_train_step_lowers_the_loss_on_a_fixed_batch():
@@ -107,6 +107,48 @@ def test_a_finished_run_is_restored_as_it_was_and_its_files_left_alone(tmp_path)
         strict=True,
     ):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_changed_configuration_is_refused_and_force_continues(tmp_path):
+    train.train_and_evaluate(config(), tmp_path, Net(), SyntheticTask(config()))
+    saved = (tmp_path / "config.json").read_text()
+    changed = config(learning_rate=0.2, seed=1)
+    with pytest.raises(resume.ConfigMismatchError) as refused:
+        train.train_and_evaluate(changed, tmp_path, Net(), SyntheticTask(changed))
+    message = str(refused.value)
+    assert "learning_rate: 0.1 in the workdir, 0.2 now" in message
+    assert "seed: 0 in the workdir, 1 now" in message
+    assert "--config.resume=force" in message and "--workdir" in message
+    assert (tmp_path / "config.json").read_text() == saved
+    # intervals and progress bars cannot change the result
+    neutral = config(log_every=3, checkpoint_every=4, progress=True)
+    train.train_and_evaluate(neutral, tmp_path, Net(), SyntheticTask(neutral))
+    # forced: two more steps with the new configuration, recorded as such
+    forced = config(learning_rate=0.2, num_steps=10, resume="force")
+    summary = train.train_and_evaluate(forced, tmp_path, Net(), SyntheticTask(forced))
+    assert summary["final_step"] == 10
+    assert json.loads((tmp_path / "config.json").read_text())["learning_rate"] == 0.2
+    with pytest.raises(ValueError, match="resume='bogus'"):
+        bogus = config(resume="bogus")
+        train.train_and_evaluate(bogus, tmp_path, Net(), SyntheticTask(bogus))
+
+
+def test_a_checkpoint_of_another_model_is_a_clear_error(tmp_path):
+    train.train_and_evaluate(config(), tmp_path, Net(), SyntheticTask(config()))
+    # the same configuration, another network: orbax's tree mismatch, explained
+    with pytest.raises(ValueError, match="does not fit this model and optimizer"):
+        train.train_and_evaluate(
+            config(), tmp_path, Net(norm="layer"), SyntheticTask(config())
+        )
+
+
+def test_resume_differences_flatten_nested_keys():
+    saved = {"norm": "batch", "norm_kwargs": {}, "log_every": 5, "cifar": {"lr": 1}}
+    now = {"norm": "batch", "norm_kwargs": {"momentum": 0.9}, "log_every": 9}
+    assert resume.differences(saved, now) == {
+        "norm_kwargs.momentum": ("(absent)", 0.9),
+        "cifar.lr": (1, "(absent)"),
+    }
 
 
 def test_power_norm_state_is_updated_through_the_loop(tmp_path):

@@ -67,6 +67,9 @@ def base() -> ml_collections.ConfigDict:
     config.eval_sources = ("running", "batch")
     config.flip_test = True
     config.progress = True
+    # A workdir holding a run with another configuration: 'auto' refuses it,
+    # 'force' continues it anyway.
+    config.resume = "auto"
     return config
 
 

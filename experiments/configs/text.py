@@ -70,6 +70,9 @@ def base() -> ml_collections.ConfigDict:
     config.sample_tokens = 300
     config.sample_temperature = 0.8
     config.progress = True
+    # A workdir holding a run with another configuration: 'auto' refuses it,
+    # 'force' continues it anyway.
+    config.resume = "auto"
     return config
 
 

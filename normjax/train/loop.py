@@ -35,6 +35,7 @@ from normjax import calibrate
 from normjax.functional import apply_nu_updates
 from normjax.train.checkpoint import Checkpointer
 from normjax.train.metrics import MetricsLog, progress_bar
+from normjax.train.resume import check_config
 from normjax.train.state import TrainState, create_train_state, make_optimizer
 
 Array = jax.Array
@@ -187,12 +188,17 @@ def train_and_evaluate(
     training and without touching its files: its summary keeps the wall time
     and throughput of the training that made it.
 
+    A workdir holding a run made with another configuration is refused
+    (:func:`normjax.train.resume.check_config`) unless ``resume='force'``.
+
     Config keys: ``seed``, ``batch_size``, ``num_steps``, optimizer keys (see
     ``make_optimizer``), ``log_every``, ``eval_every`` (0: only at the end),
-    ``checkpoint_every``, ``keep_checkpoints``, ``progress`` (bool).
+    ``checkpoint_every``, ``keep_checkpoints``, ``progress`` (bool), ``resume``
+    ('auto' or 'force').
     """
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    forced = check_config(workdir, config)  # before anything is built or written
     primary = jax.process_index() == 0  # with several hosts, one writes files
     mesh = make_mesh()
     check_batch_size(config.batch_size, mesh)
@@ -214,8 +220,25 @@ def train_and_evaluate(
         keep=config.get("keep_checkpoints", 2),
     )
     start = checkpointer.latest_step()
+    if forced and primary:
+        print(
+            f"[train] resume=force: continuing the run in {workdir} with a changed "
+            "configuration (config.json is rewritten).",
+            flush=True,
+        )
     if start is not None:
-        state = state.restore(checkpointer.restore(state.checkpoint()))
+        try:
+            restored = checkpointer.restore(state.checkpoint())
+        except Exception as error:  # orbax's tree mismatches come in many kinds
+            checkpointer.close()
+            raise ValueError(
+                f"the checkpoint at step {start} in {checkpointer.directory} does not "
+                "fit this model and optimizer (its variables differ: another "
+                "architecture, norm or optimizer made it). Use a new --workdir "
+                f"for this configuration. ({type(error).__name__}: "
+                f"{str(error)[:300]})"
+            ) from error
+        state = state.restore(restored)
     replicated = NamedSharding(mesh, P())
     state = jax.device_put(state, replicated)
     summary_path = workdir / "summary.json"
