@@ -22,7 +22,7 @@ import numpy as np
 import optax
 
 from experiments import common
-from normjax import calibrate, models
+from normjax import calibrate, models, registry
 from normjax.data import augment, cifar, samplers
 from normjax.train import TrainState, train_and_evaluate
 from normjax.train.plots import plot_curves
@@ -53,6 +53,7 @@ def build_model(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
                 "per_device_batch_stats."
             )
         norm_kwargs.setdefault("ghost_batch_size", ghost)
+    registry.make_norm(config.norm, **norm_kwargs)  # a wrong option, named, now
     conv, pool = models.backend_layers(layers=config.layers)
     builders = {
         "fast_cnn": lambda: (

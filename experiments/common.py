@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from collections.abc import Callable
 from typing import Any
 
@@ -29,6 +30,35 @@ def norm_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return kwargs
 
 
+def check_overrides(flag: flags.Flag) -> None:
+    """Every ``--config.KEY=VALUE`` must name a key of the preset, except the
+    options under a ``norm_kwargs`` (any option of the chosen norm); a typo is a
+    usage error naming the closest keys, not a key silently added."""
+    filename = config_flags.get_config_filename(flag)
+    parser = config_flags.config_flags.ConfigFileFlagParser(name="config")
+    reference = parser.parse(filename)
+    known = set(_flat_keys(reference))
+    for path in config_flags.get_override_values(flag):
+        parts = path.split(".")
+        if "norm_kwargs" in parts[:-1] or path in known:
+            continue
+        close = difflib.get_close_matches(path, known, n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise app.UsageError(
+            f"--config.{path}: {filename} has no key {path!r}.{hint} (Options of "
+            "the norm go under --config.norm_kwargs.NAME=VALUE.)"
+        )
+
+
+def _flat_keys(tree: Any, prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in tree.items():
+        keys.append(prefix + key)
+        if isinstance(value, (dict, ml_collections.ConfigDict)):
+            keys += _flat_keys(value, f"{prefix}{key}.")
+    return keys
+
+
 def run_with_flags(
     default_config: str, run: Callable[[ml_collections.ConfigDict, str], Any]
 ) -> None:
@@ -39,8 +69,15 @@ def run_with_flags(
     run the same command on each; on Cloud TPU, SLURM, Open MPI and Kubernetes the
     peers are found automatically, elsewhere add ``--coordinator_address=HOST:PORT
     --num_processes=N --process_id=I``)."""
+    # New keys are accepted while parsing so that --config.norm_kwargs.KEY=VALUE
+    # can name any option of the norm; every other override must name a key of
+    # the preset (checked in main), and the config is locked after.
     config = config_flags.DEFINE_config_file(
-        "config", default_config, "Experiment configuration."
+        "config",
+        default_config,
+        "Experiment configuration.",
+        lock_config=False,
+        accept_new_attributes=True,
     )
     workdir = flags.DEFINE_string("workdir", None, "Output directory.", required=True)
     distributed = flags.DEFINE_bool(
@@ -60,6 +97,8 @@ def run_with_flags(
 
     def main(argv: list[str]) -> None:
         del argv
+        check_overrides(flags.FLAGS["config"])
+        config.value.lock()
         if distributed.value:
             jax.distributed.initialize(
                 coordinator_address=coordinator.value,

@@ -28,8 +28,8 @@ from normjax import calibrate, models, registry
 from normjax.data import text
 from normjax.functional import CAUSAL_MODES, Causal
 from normjax.train import TrainState, train_and_evaluate
-from normjax.train.resume import check_config
 from normjax.train.plots import plot_curves
+from normjax.train.resume import check_config
 
 Array = jax.Array
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import flax.linen as nn
 
@@ -209,9 +209,9 @@ def make_norm(norm: str, /, *, causal: Causal = False, **overrides: Any) -> nn.M
         return spec.module(**kwargs)
     except TypeError as error:
         accepted = [
-            name
-            for name, field in fields.items()
-            if field.init and name not in ("parent", "name")
+            field.name
+            for field in dataclasses.fields(cast(Any, spec.module))
+            if field.init and field.name not in ("parent", "name")
         ]
         raise TypeError(
             f"make_norm({norm!r}): {error}. {spec.module.__name__} accepts: "

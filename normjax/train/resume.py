@@ -69,9 +69,7 @@ def differences(
     return out
 
 
-def check_config(
-    workdir: str | os.PathLike, config: ml_collections.ConfigDict
-) -> bool:
+def check_config(workdir: str | os.PathLike, config: ml_collections.ConfigDict) -> bool:
     """Raises :class:`ConfigMismatchError` when ``workdir`` holds a run (a
     ``config.json`` beside checkpoints or a summary) whose configuration differs
     from ``config`` in a key that changes the result; returns whether such a
