@@ -18,7 +18,7 @@ from normjax import nn as norms
 from normjax.functional.causal import CAUSAL_MODES, Causal, parse_causal
 
 
-class Statistics(str, enum.Enum):
+class Statistics(enum.StrEnum):
     """Where a registered norm's statistics come from (its value reads as text)."""
 
     BATCH = "batch"  # the batch's, with running averages for evaluation
@@ -27,9 +27,6 @@ class Statistics(str, enum.Enum):
     PER_SAMPLE_PRIOR = "per sample + population"  # the sample's, plus a prior
     NONE = "none"  # no statistics
     CUSTOM = "custom"  # a norm registered without saying
-
-    def __str__(self) -> str:
-        return self.value
 
     @property
     def per_sample(self) -> bool:

@@ -7,12 +7,20 @@ from __future__ import annotations
 import functools
 import os
 import pathlib
+import socket
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+# Where TFDS downloads each dataset from (besides Google's bucket).
+_HOSTS = {
+    "cifar10": "www.cs.toronto.edu",
+    "tiny_shakespeare": "raw.githubusercontent.com",
+}
 
 
 @functools.cache
@@ -22,6 +30,17 @@ def find(name: str) -> tuple[str | None, str]:
     for candidate in (REPO.parent / "shared" / "tfds", os.environ.get("TFDS_DATA_DIR")):
         if candidate and (pathlib.Path(candidate) / name).is_dir():
             return str(candidate), ""
+    missing = f"{name} is neither in ../shared/tfds nor in $TFDS_DATA_DIR, and TFDS"
+    how = (
+        "set TFDS_DATA_DIR to a directory holding it in array_record format, or "
+        "run the tests once on a machine with internet after "
+        "`pip install -e '.[dev]'` (which includes TFDS's [prepare] extra)"
+    )
+    host = _HOSTS.get(name, "storage.googleapis.com")
+    try:  # fails at once without a network, where TFDS retries for minutes
+        socket.getaddrinfo(host, 443)
+    except OSError as error:
+        return None, f"{missing} cannot download it ({host}: {error}); {how}"
     try:
         import tensorflow_datasets as tfds
 
@@ -33,9 +52,7 @@ def find(name: str) -> tuple[str | None, str]:
         return str(pathlib.Path(builder.data_dir).parents[1]), ""
     except Exception as error:  # no internet, no dataset: the tests must say so.
         return None, (
-            f"{name} is neither in ../shared/tfds nor in $TFDS_DATA_DIR, and TFDS "
-            f"could not download it ({type(error).__name__}: {error}); set "
-            "TFDS_DATA_DIR to a directory holding it in array_record format"
+            f"{missing} could not download it ({type(error).__name__}: {error}); {how}"
         )
 
 

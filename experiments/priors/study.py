@@ -109,9 +109,7 @@ def run_study(
     sweep_planned = len(config.sweep_norms) * len(config.sweep_batch_sizes) * len(seeds)
     header = {
         "command": command or f"experiments.priors.run_study(config, {workdir!r})",
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime(
-            "%Y-%m-%d %H:%M UTC"
-        ),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine(),
         "seeds": seeds,
         # Finished of planned runs per part, for the header of partial results.

@@ -20,6 +20,27 @@ class DataNotFoundError(FileNotFoundError):
     """A dataset is not in the data directory (the message says where and how)."""
 
 
+# TFDS downloads and converts the datasets with TensorFlow, which only the
+# [prepare] extra installs (normjax reads the prepared files without it).
+PREPARE_HINT = (
+    "install TFDS's preparation dependencies with `pip install -e '.[prepare]'` "
+    "(from the repository) and run with --config.download=True "
+    "(load_cifar10(..., download=True) in Python)"
+)
+
+
+def _missing_module(error: BaseException) -> str | None:
+    """The name of a module missing anywhere in ``error``'s chain, or None."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, ModuleNotFoundError):
+            return current.name or str(current)
+        current = current.__cause__ or current.__context__
+    return None
+
+
 def resolve_data_dir(data_dir: PathLike | None) -> str | None:
     """The TFDS data directory: ``data_dir`` if given (from the config), else
     ``$TFDS_DATA_DIR`` if set and non-empty, else None (TFDS's default,
@@ -57,10 +78,8 @@ def _missing_message(
         f"{name}-{{{splits}}}.array_record-* files.{hint}\n"
         "To get it: point to a directory holding it with --config.data_dir=DIR "
         "or TFDS_DATA_DIR=DIR (on our machines: ../shared/tfds); or, on a "
-        "machine with internet, load with download=True, which runs "
-        f"tfds.data_source({name!r}, data_dir=DIR, download=True) to download and "
-        "prepare it in array_record format (TFDS's preparation may need extra "
-        "packages, e.g. tensorflow)."
+        f"machine with internet, {PREPARE_HINT}, which downloads it once and "
+        "prepares it in array_record format."
     )
 
 
@@ -103,5 +122,13 @@ def open_source(
             name, split=split, data_dir=data_dir, download=download, decoders=decoders
         )
     except Exception as e:  # TFDS raises many kinds; say what we looked for
+        module = _missing_module(e)
+        if module is not None:
+            raise DataNotFoundError(
+                f"{title} could not be prepared in {looked_in}: TFDS needs the "
+                f"module {module!r} to download and prepare it. To get it, "
+                f"{PREPARE_HINT}; or point --config.data_dir (TFDS_DATA_DIR) to a "
+                "directory that already holds it."
+            ) from e
         reason = "could not be downloaded" if not prepared else "could not be read"
         raise missing(f"{reason}: {e!r}") from e

@@ -17,10 +17,13 @@ WORKDIR = None  # e.g. "../runs/cifar_bn"
 import json
 import os
 import pathlib
+import sys
 import tempfile
 import warnings
 
 warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm, no widgets
+# experiments/ runs from the repository (pip installs only normjax): its root.
+sys.path.insert(0, str(pathlib.Path.cwd().parent))
 
 import jax
 import jax.numpy as jnp
