@@ -39,8 +39,9 @@ def check_overrides(flag: flags.Flag) -> None:
     reference = parser.parse(filename)
     known = set(_flat_keys(reference))
     for path in config_flags.get_override_values(flag):
-        parts = path.split(".")
-        if "norm_kwargs" in parts[:-1] or path in known:
+        parent, _, _ = path.rpartition(".")
+        norm_option = parent.rpartition(".")[2] == "norm_kwargs" and parent in known
+        if path in known or norm_option:
             continue
         close = difflib.get_close_matches(path, known, n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""

@@ -239,8 +239,12 @@ class TextTask:
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Builds the tokenizer, model and task and trains; returns the summary."""
-    registry.entry(config.norm)
-    check_config(workdir, config)  # before the tokenizer is read or trained
+    # A wrong norm, norm option or causal mode, or another run's workdir: said
+    # before the tokenizer is read or trained.
+    registry.make_norm(
+        config.norm, causal=_causal(config), **common.norm_kwargs(config)
+    )
+    check_config(workdir, config)
     task = TextTask(config, workdir)
     model = build_model(config, task.tokenizer.vocab_size)
     summary = train_and_evaluate(config, workdir, model, task)

@@ -71,7 +71,7 @@ def test_tiny_run_writes_every_artifact_and_resumes_identically(tmp_path, monkey
     # Fields that cannot change the result may: the finished run, as it was.
     assert experiment.run(tiny(log_every=3, progress=True), str(whole)) == saved
     # A forced resume into another architecture: a clear error, not orbax's.
-    with pytest.raises(ValueError, match="does not fit this model"):
+    with pytest.raises(ValueError, match="does not fit them"):
         experiment.run(tiny(model="resnet", depth=8, resume="force"), str(whole))
 
 

@@ -36,15 +36,23 @@ def find(name: str) -> tuple[str | None, str]:
         "run the tests once on a machine with internet after "
         "`pip install -e '.[dev]'` (which includes TFDS's [prepare] extra)"
     )
+    try:
+        import tensorflow_datasets as tfds
+
+        builder = tfds.builder(name)
+        if builder.is_prepared():  # TFDS's default directory holds it already
+            return str(pathlib.Path(builder.data_dir).parents[1]), ""
+    except Exception as error:
+        return (
+            None,
+            f"{missing} cannot open it ({type(error).__name__}: {error}); {how}",
+        )
     host = _HOSTS.get(name, "storage.googleapis.com")
     try:  # fails at once without a network, where TFDS retries for minutes
         socket.getaddrinfo(host, 443)
     except OSError as error:
         return None, f"{missing} cannot download it ({host}: {error}); {how}"
     try:
-        import tensorflow_datasets as tfds
-
-        builder = tfds.builder(name)
         builder.download_and_prepare(
             file_format="array_record",
             download_config=tfds.download.DownloadConfig(try_download_gcs=True),

@@ -60,9 +60,15 @@ def standardize(
         raise ValueError(f"epsilon must be >= 0, got {epsilon}.")
     mean = jnp.asarray(mv.mean)
     x = x.astype(jnp.result_type(mean.dtype, x.dtype))
-    if mask is not None:  # masked: x - mean = mean - mean, exactly 0
-        x = jnp.where(mask, x, jnp.broadcast_to(mean, x.shape))
-    return (x - mean) * jax.lax.rsqrt(mv.var + epsilon)
+    if mask is None:
+        return (x - mean) * jax.lax.rsqrt(mv.var + epsilon)
+    # Selected on the way in (no arithmetic on what padding holds) and on the way
+    # out (no cotangent from a padded output reaches the statistics); a slot
+    # with nothing in it (variance 0, epsilon 0) divides by nothing.
+    x = jnp.where(mask, x, jnp.broadcast_to(mean, x.shape))
+    total = mv.var + epsilon
+    inverse = jnp.where(total > 0, jax.lax.rsqrt(jnp.where(total > 0, total, 1.0)), 0.0)
+    return jnp.where(mask, (x - mean) * inverse, 0.0)
 
 
 def normalize(
@@ -148,6 +154,8 @@ def _normalize_fwd(
 ) -> tuple[tuple[Array, Moments], tuple[Any, ...]]:
     m = stats.moments(x, axes, mask=mask, center=center)
     r = jax.lax.rsqrt(stats.variance(m) + epsilon)
+    if mask is not None:  # an empty slot (epsilon 0): no infinite scale anywhere
+        r = jnp.where(m.count > 0, r, 0.0)
     dtype = m.mean.dtype
     shape = broadcast_shape(x.shape, feature_axes)
     y = (x.astype(dtype) - m.mean) * r

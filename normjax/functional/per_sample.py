@@ -187,6 +187,9 @@ def instance_norm(
     if not reduction_axes:
         # Every non-batch axis is a feature: each statistic is one element, and
         # the centred input is 0 (as Flax's InstanceNorm returns).
+        if epsilon < 0:
+            raise ValueError(f"epsilon must be >= 0, got {epsilon}.")
+        parse_causal(causal, supported=SUPPORTED_CAUSAL, name="instance_norm")
         y = jnp.zeros(x.shape, stats.stat_dtype(x.dtype))
         return cast_output(
             affine(y, params, feature_axes, name="instance_norm"), x, dtype

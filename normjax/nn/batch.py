@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from flax.typing import Axes, Dtype, Initializer
 
 from normjax import functional as F
+from normjax import stats
 from normjax.functional import prior
 from normjax.functional.causal import CAUSAL_MODES, Causal
 from normjax.nn.common import (
@@ -67,7 +68,10 @@ class BatchNorm(BatchStatistics):
     ) -> Array:
         feature_shape = feature_shape_of(x, self.axis, "BatchNorm axis")
         running = self._running(
-            {"mean": (feature_shape, jnp.zeros), "var": (feature_shape, jnp.ones)}
+            {"mean": (feature_shape, jnp.zeros), "var": (feature_shape, jnp.ones)},
+            mean_dtype=stats.stat_dtype(x.dtype)
+            if jnp.iscomplexobj(x)
+            else jnp.float32,
         )
         if self.frozen:
             use_running_average = True

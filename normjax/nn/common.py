@@ -91,10 +91,22 @@ class BatchStatistics(nn.Module):
         train = not use_running_average
         return train, train and not self.is_initializing()
 
-    def _running(self, shapes: Mapping[str, tuple[tuple[int, ...], Any]]) -> dict:
-        """``batch_stats`` variables: name -> (shape, initializer)."""
+    def _running(
+        self,
+        shapes: Mapping[str, tuple[tuple[int, ...], Any]],
+        *,
+        mean_dtype: Any = jnp.float32,
+    ) -> dict:
+        """``batch_stats`` variables: name -> (shape, initializer), float32 but
+        the ``mean`` in ``mean_dtype`` (complex for a complex input)."""
         return {
-            key: self.variable("batch_stats", key, init, shape, jnp.float32)
+            key: self.variable(
+                "batch_stats",
+                key,
+                init,
+                shape,
+                mean_dtype if key == "mean" else jnp.float32,
+            )
             for key, (shape, init) in shapes.items()
         }
 

@@ -220,23 +220,17 @@ def train_and_evaluate(
         keep=config.get("keep_checkpoints", 2),
     )
     start = checkpointer.latest_step()
-    if forced and primary:
-        print(
-            f"[train] resume=force: continuing the run in {workdir} with a changed "
-            "configuration (config.json is rewritten).",
-            flush=True,
-        )
     if start is not None:
         try:
             restored = checkpointer.restore(state.checkpoint())
         except Exception as error:  # orbax's tree mismatches come in many kinds
             checkpointer.close()
             raise ValueError(
-                f"the checkpoint at step {start} in {checkpointer.directory} does not "
-                "fit this model and optimizer (its variables differ: another "
-                "architecture, norm or optimizer made it). Use a new --workdir "
-                f"for this configuration. ({type(error).__name__}: "
-                f"{str(error)[:300]})"
+                f"the checkpoint at step {start} in {checkpointer.directory} could "
+                "not be restored into this model and optimizer — most likely it "
+                "does not fit them (another architecture, norm or optimizer made "
+                "it), else it is damaged. Use a new --workdir for this "
+                f"configuration. ({type(error).__name__}: {str(error)[:300]})"
             ) from error
         state = state.restore(restored)
     replicated = NamedSharding(mesh, P())
@@ -246,6 +240,12 @@ def train_and_evaluate(
         checkpointer.close()
         summary = json.loads(summary_path.read_text())
         return (summary, state) if return_state else summary
+    if forced and primary:
+        print(
+            f"[train] resume=force: continuing the run in {workdir} with a changed "
+            "configuration; config.json now holds the new one.",
+            flush=True,
+        )
     if primary:
         (workdir / "config.json").write_text(
             config.to_json_best_effort(indent=2) + "\n"

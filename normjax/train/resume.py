@@ -17,7 +17,8 @@ import ml_collections
 
 # Keys that cannot change what a run computes: how often it logs, evaluates and
 # checkpoints, whether it shows a progress bar, and where it finds or caches its
-# data (the dataset is named by the config, not by its location).
+# data (the dataset is named by the config, not by its location). Evaluation
+# settings are compared: a finished run's summary was made with the old ones.
 RESULT_NEUTRAL = frozenset(
     {
         "log_every",
