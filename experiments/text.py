@@ -4,10 +4,17 @@
         --config.norm=batch --config.tokenizer=bpe --workdir=runs/text_bn_bpe
 
 Writes to the workdir: config.json, tokenizer.json (reused on resume),
-metrics.jsonl, checkpoints/, summary.json (``val_loss`` in nats per token and
-``val_bits_per_byte`` over the whole validation split, wall time, tokens/s,
-parameter count), curves.png and sample.txt (a generated sample, also printed).
-Bits per byte of the original UTF-8 text put every tokenization on one scale.
+metrics.jsonl, checkpoints/, summary.json, curves.png and sample.txt (a sample
+generated one sequence at a time with population statistics, also printed).
+summary.json holds ``val_loss`` in nats per token and ``val_bits_per_byte`` over
+the whole validation split with population statistics (the running averages;
+per position for causal batch statistics), the same with precise population
+statistics (``_precise``) and with each evaluation batch's own statistics
+(``_batch``: batches of the training batch size whose windows lie far apart,
+so no scored token leaks into another window's statistics), the loss by
+position bucket for each (``val_loss_by_position``), wall time, tokens/s and
+parameter count. Bits per byte of the original UTF-8 text put every
+tokenization on one scale.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import pathlib
+import warnings
 from typing import Any
 
 import jax
@@ -137,7 +145,21 @@ class TextTask:
     ) -> dict[str, float]:
         """Loss per token and bits per byte over the whole validation split, for
         each statistics source in ``config.eval_sources`` (suffixes name all but
-        the first)."""
+        the first), and the loss by position bucket (kept for ``finalize``).
+
+        * 'running': the population statistics kept while training (per
+          position for causal batch statistics), windows in text order;
+        * 'precise': population statistics recomputed over
+          ``config.precise_batches`` training batches
+          (``normjax.calibrate.precise_batch_stats``);
+        * 'batch': each evaluation batch's own statistics, as in training: batches
+          of the training batch size (``config.batch_eval_batch_size`` overrides
+          it) whose windows lie far apart (``text.eval_windows(isolated=True)``),
+          so that no scored token is seen by any other window's statistics.
+
+        With population statistics the result does not depend on the evaluation
+        batch (a sequence is normalized alone).
+        """
         size = self.config.eval_batch_size
         if size % jax.device_count():
             raise ValueError(
@@ -146,17 +168,35 @@ class TextTask:
             )
         token_bytes = np.asarray(self.tokenizer.token_bytes)
         variables = state.variables()
+        precise = None
+        if "precise" in self.config.eval_sources:
+            precise = self.precise_stats(evaluator.model, variables)
+        buckets = text.position_buckets(self.config.max_len)
         out: dict[str, float] = {}
+        self.loss_by_position = {}
         for i, source in enumerate(self.config.eval_sources):
             nats, tokens, nbytes = 0.0, 0, 0
-            for batch in text.eval_windows(
-                self.val_ids, self.config.max_len, self.stride, size
-            ):
+            bucket_nats = np.zeros(len(buckets))
+            bucket_count = np.zeros(len(buckets))
+            if source == "batch":
+                windows = text.eval_windows(
+                    self.val_ids,
+                    self.config.max_len,
+                    self.stride,
+                    self.config.batch_eval_batch_size or self.config.batch_size,
+                    isolated=True,
+                )
+            else:
+                windows = text.eval_windows(
+                    self.val_ids, self.config.max_len, self.stride, size
+                )
+            for batch in windows:
                 logits = np.asarray(
                     evaluator(
                         variables,
                         {"inputs": batch["inputs"], "mask": batch["mask"]},
                         source=source,
+                        precise_stats=precise,
                     ),
                     np.float64,
                 )
@@ -164,15 +204,40 @@ class TextTask:
                 top = logits.max(-1, keepdims=True)
                 lse = np.log(np.exp(logits - top).sum(-1)) + top[..., 0]
                 picked = np.take_along_axis(logits, batch["targets"][..., None], -1)
-                nats += float(np.sum((lse - picked[..., 0])[weights]))
+                nll = lse - picked[..., 0]
+                nats += float(np.sum(nll[weights]))
                 tokens += int(weights.sum())
                 nbytes += int(token_bytes[batch["targets"][weights]].sum())
+                for j, (lo, hi) in enumerate(buckets):
+                    valid = batch["mask"][:, lo:hi]
+                    bucket_nats[j] += float(np.sum(nll[:, lo:hi][valid]))
+                    bucket_count[j] += int(valid.sum())
             suffix = "" if i == 0 else f"_{source}"
             out[f"val_loss{suffix}"] = nats / tokens
             out[f"val_bits_per_byte{suffix}"] = text.bits_per_byte(nats, nbytes)
+            self.loss_by_position[source] = {
+                f"{lo}-{hi - 1}": float(n / max(c, 1))
+                for (lo, hi), n, c in zip(
+                    buckets, bucket_nats, bucket_count, strict=True
+                )
+            }
         out["val_tokens"] = tokens
         out["val_bytes"] = nbytes
         return out
+
+    def precise_stats(self, model: models.Transformer, variables: Any) -> Any:
+        """Population statistics recomputed over the first
+        ``config.precise_batches`` training batches (per position for causal
+        batch statistics: the average of each batch's prefix moments)."""
+        batches = (
+            (self.train_batch(step)["inputs"],)
+            for step in range(self.config.precise_batches)
+        )
+        with warnings.catch_warnings():  # per-sample norms: nothing to recompute
+            warnings.simplefilter("ignore")
+            return calibrate.precise_batch_stats(
+                model, jax.device_get(variables), batches, train=False
+            )
 
     def generate(
         self,
@@ -228,6 +293,7 @@ class TextTask:
         (workdir / "sample.txt").write_text(sample)
         print(f"--- sample ({self.config.sample_tokens} tokens) ---\n{sample}\n---")
         return {
+            "val_loss_by_position": getattr(self, "loss_by_position", {}),
             "norm": self.config.norm,
             "tokenizer": self.config.tokenizer,
             "vocab_size": self.tokenizer.vocab_size,

@@ -39,16 +39,17 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from normjax import nn as norms
 from normjax import stats
-from normjax.stats import Moments
+from normjax.stats import Averaged, Moments
 
 Array = jax.Array
 Variables = Mapping[str, Any]
 Tree = Mapping[str, Any]
 # (module path..., prefix) -> the moments of the statistic pair {prefix}mean/var.
-_Grouped = dict[tuple[str, ...], Moments]
+_Grouped = dict[tuple[str, ...], Moments | Averaged]
 
 SOURCES = ("running", "precise", "batch")
 _MOMENT_KEYS = ("count", "mean", "m2")
+_AVERAGED_KEYS = ("weight", "mean", "var")
 
 
 def _check_source(source: str) -> None:
@@ -72,24 +73,26 @@ def _without(variables: Variables, *collections: str) -> dict[str, Any]:
 
 
 def _group(moments: Tree) -> _Grouped:
-    """``{path: {p}count, {p}mean, {p}m2}`` -> ``{(*path, p): Moments}``."""
+    """``{path: {p}count, {p}mean, {p}m2}`` -> ``{(*path, p): Moments}``, and
+    ``{path: {p}weight, {p}mean, {p}var}`` -> ``{(*path, p): Averaged}``."""
     flat = flatten_dict(unfreeze(dict(moments)))
     out: _Grouped = {}
     for key in flat:
         *path, leaf = key
-        if not leaf.endswith("count"):
-            continue
-        prefix = leaf[: -len("count")]
-        missing = [k for k in _MOMENT_KEYS if (*path, prefix + k) not in flat]
-        if missing:
-            raise ValueError(
-                f"'moments' of layer {'/'.join(path)!r} has {leaf!r} but not "
-                f"{[prefix + k for k in missing]}; a batch-statistics module must "
-                "store {p}count, {p}mean and {p}m2 together."
+        for kind, keys in ((Moments, _MOMENT_KEYS), (Averaged, _AVERAGED_KEYS)):
+            if not leaf.endswith(keys[0]):
+                continue
+            prefix = leaf[: -len(keys[0])]
+            missing = [k for k in keys if (*path, prefix + k) not in flat]
+            if missing:
+                raise ValueError(
+                    f"'moments' of layer {'/'.join(path)!r} has {leaf!r} but not "
+                    f"{[prefix + k for k in missing]}; a batch-statistics module "
+                    f"must store {{p}}{', {p}'.join(keys)} together."
+                )
+            out[(*path, prefix)] = kind(
+                *(jnp.asarray(flat[(*path, prefix + k)]) for k in keys)
             )
-        out[(*path, prefix)] = Moments(
-            *(jnp.asarray(flat[(*path, prefix + k)]) for k in _MOMENT_KEYS)
-        )
     return out
 
 
@@ -97,18 +100,28 @@ def _ungroup(grouped: _Grouped) -> dict[str, Any]:
     """Inverse of :func:`_group`: the nested ``'moments'`` collection."""
     flat = {}
     for (*path, prefix), m in grouped.items():
-        for k, value in zip(_MOMENT_KEYS, m, strict=True):
+        for k, value in zip(m._fields, m, strict=True):
             flat[(*path, prefix + k)] = value
     return unflatten_dict(flat)
 
 
 def _is_moments(x: Any) -> bool:
-    return isinstance(x, Moments)
+    return isinstance(x, (Moments, Averaged))
+
+
+def _merge_one(a: Moments | Averaged, b: Moments | Averaged) -> Moments | Averaged:
+    if isinstance(a, Averaged) and isinstance(b, Averaged):
+        return stats.average(a, b)
+    if isinstance(a, Moments) and isinstance(b, Moments):
+        return stats.merge(a, b)
+    raise ValueError(
+        "a layer recorded pooled moments in one batch, averaged in another."
+    )
 
 
 @jax.jit
 def _merge_grouped(a: _Grouped, b: _Grouped) -> _Grouped:
-    return jax.tree.map(stats.merge, a, b, is_leaf=_is_moments)
+    return jax.tree.map(_merge_one, a, b, is_leaf=_is_moments)
 
 
 def _merge_all(parts: list[tuple[int, _Grouped]]) -> _Grouped:
@@ -238,17 +251,23 @@ def batch_stats_from_moments(
                 f"batch_stats of layer {layer!r} has {prefix + present[0]!r} but "
                 f"not its pair; expected {prefix}mean and {prefix}var."
             )
-        values = {"mean": m.mean, "var": stats.variance(m)}
+        if isinstance(m, Averaged):
+            values, seen = {"mean": m.mean, "var": m.var}, m.weight > 0
+        else:
+            values, seen = {"mean": m.mean, "var": stats.variance(m)}, m.count > 0
         for k, key in keys.items():
             old = flat[key]
-            if tuple(old.shape) != tuple(values[k].shape):
+            value = values[k]
+            if tuple(old.shape) != tuple(value.shape):
                 raise ValueError(
                     f"layer {layer!r}: batch_stats {prefix + k!r} has shape "
                     f"{tuple(old.shape)} but its moments have shape "
-                    f"{tuple(values[k].shape)}; the moments come from another "
-                    "model or input shape."
+                    f"{tuple(value.shape)}; the moments come from another "
+                    "model or input shape (per-position statistics: calibrate on "
+                    "sequences of the layer's max_len)."
                 )
-            flat[key] = values[k].astype(old.dtype)
+            # A slot no batch had a valid element in keeps its running value.
+            flat[key] = jnp.where(seen, value.astype(old.dtype), old)
             replaced.add(key)
     if warn:
         unchanged = [

@@ -282,6 +282,44 @@ def mean_var(m: Moments, *, ddof: int = 0) -> MeanVar:
     return MeanVar(m.mean, variance(m, ddof=ddof))
 
 
+class Averaged(NamedTuple):
+    """Per-batch statistics to be averaged over batches, each batch weighing the
+    same — the expectation that a running average (EMA) estimates, as opposed to
+    :class:`Moments`, whose merge pools elements.
+
+    Used where a norm normalizes with statistics that are not sufficient
+    statistics of the pooled elements: the within-batch variances of causal
+    prefixes (per position) and of ghost batches. Their population value is the
+    average of the per-batch values; merging their moments would add the spread
+    between batch means.
+
+    Attributes:
+      weight: 1 where the slot had a valid element in the batch, else 0 (after
+        :func:`average`: the number of batches that had one).
+      mean, var: the batch's mean and variance (after :func:`average`: their
+        averages over the batches that had a valid element; 0 where none had).
+    """
+
+    weight: Array
+    mean: Array
+    var: Array
+
+
+def averaged(m: Moments, *, ddof: int = 0) -> Averaged:
+    """One batch's ``m`` as a term of an average: its mean and variance, weight 1
+    where it had a valid element."""
+    return Averaged(
+        (m.count > 0).astype(real_dtype(m.count.dtype)), m.mean, variance(m, ddof=ddof)
+    )
+
+
+def average(a: Averaged, b: Averaged) -> Averaged:
+    """The average of two disjoint sets of batches (weights add)."""
+    weight = a.weight + b.weight
+    fa, fb = safe_div(a.weight, weight), safe_div(b.weight, weight)
+    return Averaged(weight, a.mean * fa + b.mean * fb, a.var * fa + b.var * fb)
+
+
 def merge(a: Moments, b: Moments) -> Moments:
     """Moments of the union of two disjoint sets (Chan et al.'s pairwise formula)."""
     count = a.count + b.count

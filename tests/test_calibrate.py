@@ -485,3 +485,67 @@ def test_errors(mlp_setup):
         calibrate.precise_batch_stats(
             model, variables, [x], train=False, mutable=["batch_stats"]
         )
+
+
+class CausalNet(nn.Module):
+    """Dense -> causal BatchNorm (per-position statistics) on (B, L, D)."""
+
+    ghost: int | None = None
+
+    @nn.compact
+    def __call__(self, x, *, train: bool):
+        x = nn.Dense(3)(x)
+        return norms.BatchNorm(use_running_average=not train, causal=True, max_len=6)(x)
+
+
+def test_precise_per_position_statistics_average_each_batch_prefix_moments():
+    """Row t: the average over batches of each batch's prefix mean and
+    within-batch prefix variance — what the EMA estimates — not the pooled
+    variance (which adds the spread of the batch means)."""
+    rng = np.random.default_rng(47)
+    model = CausalNet()
+    batches = [
+        jnp.asarray(rng.normal(k, 1.0 + k, size=(4, 5, 2)), jnp.float32)
+        for k in range(3)
+    ]
+    variables = model.init(jax.random.key(0), batches[0], train=False)
+    precise = calibrate.precise_batch_stats(model, variables, batches, train=False)
+    kernel = np.asarray(variables["params"]["Dense_0"]["kernel"], np.float64)
+    bias = np.asarray(variables["params"]["Dense_0"]["bias"], np.float64)
+    means, variances = [], []
+    for batch in batches:
+        h = np.asarray(batch, np.float64) @ kernel + bias
+        means.append([h[:, : t + 1].reshape(-1, 3).mean(0) for t in range(5)])
+        variances.append([h[:, : t + 1].reshape(-1, 3).var(0) for t in range(5)])
+    got = precise["BatchNorm_0"]
+    assert got["mean"].shape == (6, 3)
+    np.testing.assert_allclose(got["mean"][:5], np.mean(means, 0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got["var"][:5], np.mean(variances, 0), rtol=1e-4)
+    # Row 5 saw no batch: it keeps its running value.
+    np.testing.assert_array_equal(
+        got["mean"][5], variables["batch_stats"]["BatchNorm_0"]["mean"][5]
+    )
+    np.testing.assert_array_equal(
+        got["var"][5], variables["batch_stats"]["BatchNorm_0"]["var"][5]
+    )
+
+
+def test_precise_ghost_statistics_average_the_within_ghost_variance():
+    rng = np.random.default_rng(48)
+    model = norms.BatchNorm(use_running_average=False, ghost_batch_size=2)
+    batches = [
+        jnp.asarray(rng.normal(k, 1.0, size=(4, 3)), jnp.float32) for k in range(3)
+    ]
+    variables = model.init(jax.random.key(0), batches[0])
+    precise = calibrate.precise_batch_stats(model, variables, batches)
+    within = [
+        np.mean([np.asarray(b[g : g + 2], np.float64).var(0) for g in (0, 2)], 0)
+        for b in batches
+    ]
+    np.testing.assert_allclose(
+        precise["mean"],
+        np.mean([np.asarray(b).mean(0) for b in batches], 0),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    np.testing.assert_allclose(precise["var"], np.mean(within, 0), rtol=1e-5)

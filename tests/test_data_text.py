@@ -180,13 +180,14 @@ def test_random_windows_need_a_long_enough_split():
     stride_fraction=st.floats(0.01, 1.0),
     batch_size=st.integers(1, 9),
 )
+@pytest.mark.parametrize("isolated", [False, True])
 def test_eval_windows_score_every_target_once_with_context(
-    n, length, stride_fraction, batch_size
+    n, length, stride_fraction, batch_size, isolated
 ):
     stride = max(1, int(round(stride_fraction * length)))
     ids = np.arange(n, dtype=np.int32) + 7
     scored = np.zeros(n, int)
-    for batch in text.eval_windows(ids, length, stride, batch_size):
+    for batch in text.eval_windows(ids, length, stride, batch_size, isolated=isolated):
         assert all(v.shape == (batch_size, length) for v in batch.values())
         assert not np.any(batch["weights"] & ~batch["mask"])
         m = batch["mask"]
@@ -200,6 +201,46 @@ def test_eval_windows_score_every_target_once_with_context(
                 assert np.argmax(w) >= length - stride
     np.testing.assert_array_equal(scored[1:], 1)
     assert scored[0] == 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(2, 3000),
+    length=st.integers(1, 64),
+    stride_fraction=st.floats(0.05, 1.0),
+    batch_size=st.integers(1, 70),
+)
+def test_isolated_eval_windows_never_share_a_batch_with_a_nearby_window(
+    n, length, stride_fraction, batch_size
+):
+    """No window of a batch overlaps another or lies within ``length`` tokens of
+    it: no scored token (nor its context) appears elsewhere in its batch."""
+    stride = max(1, int(round(stride_fraction * length)))
+    ids = np.arange(n, dtype=np.int32)
+    windows = 0
+    for batch in text.eval_windows(ids, length, stride, batch_size, isolated=True):
+        rows = batch["mask"].any(1)
+        windows += int(rows.sum())
+        spans = [
+            (batch["inputs"][r, 0], batch["targets"][r][batch["mask"][r]].max())
+            for r in np.flatnonzero(rows)
+        ]
+        for i, (lo_a, hi_a) in enumerate(spans):
+            for lo_b, hi_b in spans[i + 1 :]:
+                gap = max(lo_b - hi_a, lo_a - hi_b)  # tokens strictly between
+                assert gap > length, (lo_a, hi_a, lo_b, hi_b)
+    in_order = sum(
+        int(b["mask"].any(1).sum())
+        for b in text.eval_windows(ids, length, stride, batch_size)
+    )
+    assert windows == in_order
+
+
+def test_position_buckets():
+    assert text.position_buckets(64) == [(0, 8), (8, 16), (16, 32), (32, 64)]
+    assert text.position_buckets(256) == [(0, 8), (8, 64), (64, 128), (128, 256)]
+    assert text.position_buckets(16) == [(0, 8), (8, 16)]
+    assert text.position_buckets(4) == [(0, 4)]
 
 
 def test_eval_windows_reject_a_bad_stride():

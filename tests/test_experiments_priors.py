@@ -36,7 +36,7 @@ def test_smoke_study_writes_every_table_and_plot_and_resumes(tmp_path, monkeypat
         assert (tmp_path / name).stat().st_size > 0, name
     saved = json.loads((tmp_path / "results.json").read_text())
     assert set(saved) >= {"header", "probe", "stats", "sweep", "text"}
-    finished = {"probe": "2/2", "sweep": "4/4", "text": "7/7"}
+    finished = {"probe": "2/2", "sweep": "4/4", "text": "9/9"}
     assert saved["header"]["finished_runs"] == finished
     markdown = (tmp_path / "results.md").read_text()
     for heading in ("## 1.", "## 2.", "## 3-4.", "## 5.", "## 6."):
@@ -66,10 +66,17 @@ def test_smoke_study_writes_every_table_and_plot_and_resumes(tmp_path, monkeypat
     assert results["sweep"]["layer"][4][0]["running"] == pytest.approx(
         results["sweep"]["layer"][4][0]["precise"]
     )
-    # 5. tokenizers x norms, the context sweep (L=16 reuses the tokenizer run)
-    assert len(results["text"]) == 4 + 2 + 2
+    # 5. tokenizers x norms, small batches, the context sweep at a fixed batch
+    # size and at fixed tokens per step (L=16 at the preset's batch size reuses
+    # the tokenizer run)
+    assert len(results["text"]) == 4 + 2 + 2 + 2
     runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
     assert "text_batch_byte_L16_s0" not in runs and "text_batch_byte_L8_s0" in runs
+    assert "text_batch_byte_L8_b2_s0" in runs and "text_batch_byte_b1_s0" in runs
+    record = results["text"][priors_text.text_key("tokenizer", "batch", "byte", {})][0]
+    assert set(record["val_loss_by_position"]) == {"running", "precise", "batch"}
+    assert record["val_bits_per_byte_precise"] > 0
+    assert "| batch | byte | " in markdown and "one seed: no interval" in markdown
     # the context sweep gives both evaluations, running (batch's causal stats)
     context = markdown.split("Context-length sweep")[1].split("## 6.")[0]
     row = next(line for line in context.splitlines() if line.startswith("| batch |"))
@@ -92,10 +99,10 @@ def test_smoke_study_writes_every_table_and_plot_and_resumes(tmp_path, monkeypat
     assert empty["header"]["finished_runs"] == {
         "probe": "0/2",
         "sweep": "0/4",
-        "text": "0/7",
+        "text": "0/9",
     }
     assert (
-        "finished runs: probe 0/2, sweep 0/4, text 0/7"
+        "finished runs: probe 0/2, sweep 0/4, text 0/9"
         in (tmp_path / "empty" / "results.md").read_text()
     )
 
@@ -204,3 +211,22 @@ def test_text_plots_and_headline_use_the_evaluation_that_matches_training():
     assert priors_text.as_trained("bln") == "val_bits_per_byte_batch"
     assert priors_text.as_trained("power") == "val_bits_per_byte"
     assert priors_text.as_trained("batch:running") == "val_bits_per_byte"
+
+
+def test_paired_differences_with_their_95_percent_interval():
+    a = {0: {"x": 1.0}, 1: {"x": 2.0}, 2: {"x": 4.0}, 3: {"x": 9.0}}
+    b = {0: {"x": 0.5}, 1: {"x": 1.0}, 2: {"x": 3.0}}  # seed 3 missing: unpaired
+    d = report.paired_difference(a, b, "x")
+    diffs = np.array([0.5, 1.0, 1.0])
+    half = 4.303 * diffs.std(ddof=1) / np.sqrt(3)
+    assert d["diffs"] == [0.5, 1.0, 1.0]
+    assert d["mean"] == pytest.approx(diffs.mean())
+    assert d["interval"] == pytest.approx((diffs.mean() - half, diffs.mean() + half))
+    cell = report.difference_cell(d)
+    assert cell.startswith("+0.833 [") and "no difference" not in cell
+    noisy = report.paired_difference(
+        {0: {"x": 1.0}, 1: {"x": -1.0}}, {0: {"x": 0.0}, 1: {"x": 0.0}}, "x"
+    )
+    assert "no difference" in report.difference_cell(noisy)
+    assert report.paired_difference(a, {}, "x") is None
+    assert report.difference_cell(None) == "—"

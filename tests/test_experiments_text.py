@@ -4,6 +4,7 @@ import json
 import math
 import os
 
+import numpy as np
 import pytest
 import tfds_data
 from run_metrics import train_rows
@@ -154,3 +155,44 @@ def test_presets():
     assert quick.schedule == full.schedule == "cosine"
     with pytest.raises(ValueError, match="unknown preset"):
         configs.get_config("huge")
+
+
+@pytest.mark.parametrize("norm", ["batch", "bln"])
+def test_population_statistics_evaluate_alike_in_batches_of_1_and_64(tmp_path, norm):
+    """The same windows, evaluated with population statistics (running and
+    precise, per position) in batches of 1 and of 64: the same loss; the
+    leak-free batch evaluation runs in batches of the training batch size."""
+    import jax
+
+    from normjax.train import train_and_evaluate
+    from normjax.train.loop import make_evaluator
+
+    path = tmp_path / "text.txt"
+    path.write_text("To be, or not to be, that is the question:\n" * 40)
+    config = tiny(
+        text_file=str(path),
+        tokenizer="byte",
+        norm=norm,
+        num_steps=4,
+        validation_fraction=0.2,
+    )
+    task = experiment.TextTask(config, str(tmp_path / "run"))
+    model = experiment.build_model(config, task.tokenizer.vocab_size)
+    summary, state = train_and_evaluate(
+        config, str(tmp_path / "run"), model, task, return_state=True
+    )
+    mesh = jax.sharding.Mesh(jax.devices()[:1], ("data",))
+    evaluator = make_evaluator(model, task, mesh)
+    results = {}
+    for size in (1, 64):
+        task.config.unlock()
+        task.config.eval_batch_size = size
+        results[size] = task.evaluate(evaluator, state)
+    for key in ("val_loss", "val_loss_precise"):
+        np.testing.assert_allclose(results[1][key], results[64][key], rtol=2e-6)
+    assert results[1]["val_loss"] != results[1]["val_loss_precise"]
+    np.testing.assert_allclose(summary["val_loss"], results[64]["val_loss"], rtol=2e-6)
+    by_position = summary["val_loss_by_position"]
+    assert set(by_position) == {"running", "precise", "batch"}
+    assert list(by_position["running"]) == ["0-7", "8-15"]
+    assert all(math.isfinite(v) for d in by_position.values() for v in d.values())

@@ -185,7 +185,8 @@ def test_batch_norm_invariant_to_per_channel_shift_and_scale(shift, log_scale, s
     np.testing.assert_allclose(y, y2, rtol=1e-3, atol=1e-3)
 
 
-def test_batch_norm_causal_modes_match_references():
+def test_pooled_causal_statistics_match_references():
+    """per_position_stats=False: one row, updated from the whole window."""
     rng = np.random.default_rng(26)
     x = rng.normal(1.0, 2.0, size=(3, 5, 4))
     mask = rng.random((3, 5, 1)) < 0.8
@@ -197,7 +198,14 @@ def test_batch_norm_causal_modes_match_references():
     x32 = jnp.asarray(x, jnp.float32)
     eps = 1e-5
     y, new, _ = F.batch_norm(
-        x32, None, running, train=True, causal=True, mask=mask, momentum=0.0
+        x32,
+        None,
+        running,
+        train=True,
+        causal=True,
+        mask=mask,
+        momentum=0.0,
+        per_position_stats=False,
     )
     for t in range(5):
         ref, _, _ = ref_normalize(x[:, : t + 1], (0, 1), mask[:, : t + 1], eps)
@@ -206,19 +214,178 @@ def test_batch_norm_causal_modes_match_references():
     np.testing.assert_allclose(new["mean"], pooled_mean.ravel(), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(new["var"], pooled_var.ravel(), rtol=1e-5)
     y, new_pp, _ = F.batch_norm(
-        x32, None, running, train=True, causal="per_position", mask=mask, momentum=0.0
+        x32,
+        None,
+        running,
+        train=True,
+        causal="per_position",
+        mask=mask,
+        momentum=0.0,
+        per_position_stats=False,
     )
     ref, _, _ = ref_normalize(x, (0,), mask, eps)
     np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(new_pp["mean"], new["mean"], rtol=1e-5, atol=1e-6)
     y, new_run, _ = F.batch_norm(
-        x32, None, running, train=True, causal="running", mask=mask, momentum=0.0
+        x32,
+        None,
+        running,
+        train=True,
+        causal="running",
+        mask=mask,
+        momentum=0.0,
+        per_position_stats=False,
     )
     evaluated = F.batch_norm(x32, None, running, train=False, mask=mask).y
     np.testing.assert_allclose(y, evaluated)
     np.testing.assert_allclose(new_run["var"], new["var"], rtol=1e-5)
     with pytest.raises(ValueError, match="not a causal mode"):
         F.batch_norm(x32, None, running, train=True, causal="future")
+
+
+def ref_position_stats(x, mask, mode, groups=1):
+    """Float64 (L, D) mean and within-batch variance that position t is
+    normalized with: over (batch, positions <= t) or (batch, position t); with
+    ``groups`` ghost batches, the count-weighted mean of the groups' means and
+    their summed squared deviations over the total count."""
+    b, length, _ = x.shape
+    w = np.broadcast_to(mask, x.shape) * 1.0
+    x = np.where(w > 0, x, 0.0)
+    means, variances = [], []
+    for t in range(length):
+        lo = 0 if mode == "cumulative" else t
+        xs, ws = x[:, lo : t + 1], w[:, lo : t + 1]
+        count = total = m2 = 0.0
+        group_stats = []
+        for g in np.array_split(np.arange(b), groups):
+            n = ws[g].sum((0, 1))
+            mu = (xs[g] * ws[g]).sum((0, 1)) / np.maximum(n, 1)
+            group_stats.append((n, mu, (ws[g] * (xs[g] - mu) ** 2).sum((0, 1))))
+        count = sum(n for n, _, _ in group_stats)
+        total = sum(n * mu for n, mu, _ in group_stats)
+        m2 = sum(m for _, _, m in group_stats)
+        means.append(total / np.maximum(count, 1))
+        variances.append(m2 / np.maximum(count, 1))
+    return np.stack(means), np.stack(variances)
+
+
+@pytest.mark.parametrize("mode", ["cumulative", "per_position", "running"])
+@pytest.mark.parametrize("ghost", [None, 2])
+def test_per_position_running_statistics_follow_what_each_position_used(mode, ghost):
+    if ghost and mode == "running":
+        pytest.skip("causal='running' normalizes with running statistics")
+    rng = np.random.default_rng(41)
+    b, length, d, max_len = 4, 5, 3, 7
+    x = rng.normal(1.0, 2.0, size=(b, length, d)) + np.arange(length)[:, None]
+    mask = rng.random((b, length, 1)) < 0.8
+    mask[:, 0] = True
+    mask[:, 3] = False  # a position no sample has: its row keeps its value
+    x = np.where(mask, x, np.nan)  # padding may hold anything
+    old = {
+        "mean": jnp.asarray(rng.normal(size=(max_len, d)), jnp.float32),
+        "var": jnp.asarray(rng.uniform(0.5, 2, (max_len, d)), jnp.float32),
+    }
+    momentum = 0.75
+    out = F.batch_norm(
+        jnp.asarray(x, jnp.float32),
+        None,
+        old,
+        train=True,
+        causal=mode,
+        mask=mask,
+        momentum=momentum,
+        ghost_batch_size=ghost,
+    )
+    stat_mode = "per_position" if mode == "running" else mode
+    mean, var = ref_position_stats(x, mask, stat_mode, groups=b // (ghost or b))
+    want_mean = np.array(old["mean"], np.float64)
+    want_var = np.array(old["var"], np.float64)
+    seen = np.broadcast_to(mask, x.shape).any(0)  # (L, D) for per_position
+    if stat_mode == "cumulative":
+        seen = np.logical_or.accumulate(seen, axis=0)
+    rows = slice(0, length)
+    want_mean[rows] = np.where(
+        seen, momentum * want_mean[rows] + (1 - momentum) * mean, want_mean[rows]
+    )
+    want_var[rows] = np.where(
+        seen, momentum * want_var[rows] + (1 - momentum) * var, want_var[rows]
+    )
+    np.testing.assert_allclose(out.batch_stats["mean"], want_mean, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out.batch_stats["var"], want_var, rtol=1e-5, atol=1e-5)
+    # Evaluation (and causal='running' training) reads row t at position t.
+    evaluated = F.batch_norm(
+        jnp.asarray(x, jnp.float32), None, old, train=False, causal=mode, mask=mask
+    ).y
+    ref = (x - np.asarray(old["mean"])[:length]) / np.sqrt(
+        np.asarray(old["var"])[:length] + 1e-5
+    )
+    np.testing.assert_allclose(
+        evaluated, np.where(mask, ref, 0.0), rtol=1e-5, atol=1e-5
+    )
+    if mode == "running":
+        np.testing.assert_allclose(out.y, evaluated)
+
+
+def test_per_position_statistics_past_max_len_reuse_the_last_row():
+    rng = np.random.default_rng(43)
+    max_len, d = 3, 2
+    old = {
+        "mean": jnp.asarray(rng.normal(size=(max_len, d)), jnp.float32),
+        "var": jnp.asarray(rng.uniform(0.5, 2, (max_len, d)), jnp.float32),
+    }
+    x = jnp.asarray(rng.normal(size=(2, 6, d)), jnp.float32)
+    y = F.batch_norm(x, None, old, train=False, causal=True).y
+    rows = np.minimum(np.arange(6), max_len - 1)
+    mean, var = np.asarray(old["mean"])[rows], np.asarray(old["var"])[rows]
+    np.testing.assert_allclose(y, (x - mean) / np.sqrt(var + 1e-5), rtol=1e-5)
+    # shorter sequences use the first rows
+    y = F.batch_norm(x[:, :2], None, old, train=False, causal=True).y
+    np.testing.assert_allclose(
+        y, (x[:, :2] - mean[:2]) / np.sqrt(var[:2] + 1e-5), rtol=1e-5
+    )
+    with pytest.raises(ValueError, match="max_len >= 6"):
+        F.batch_norm(x, None, old, train=True, causal=True)
+    with pytest.raises(ValueError, match="per_position_stats=False"):
+        F.batch_norm(
+            x,
+            None,
+            {"mean": old["mean"][0], "var": old["var"][0]},
+            train=False,
+            causal=True,
+        )
+
+
+def test_per_position_statistics_with_time_after_the_features():
+    """(B, D, L) with time last: rows are still (max_len, D)."""
+    rng = np.random.default_rng(44)
+    x = rng.normal(size=(3, 2, 4))  # features on axis 1, time on axis 2
+    old = {"mean": jnp.zeros((4, 2)), "var": jnp.ones((4, 2))}
+    out = F.batch_norm(
+        jnp.asarray(x, jnp.float32),
+        None,
+        old,
+        train=True,
+        axis=1,
+        causal=True,
+        time_axis=2,
+        momentum=0.0,
+    )
+    mean, var = ref_position_stats(
+        np.moveaxis(x, 1, 2), np.ones((3, 4, 1), bool), "cumulative"
+    )
+    np.testing.assert_allclose(out.batch_stats["mean"], mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out.batch_stats["var"], var, rtol=1e-5, atol=1e-6)
+    y = F.batch_norm(
+        jnp.asarray(x, jnp.float32),
+        None,
+        out.batch_stats,
+        train=False,
+        axis=1,
+        causal=True,
+        time_axis=2,
+    ).y
+    want = (x - mean.T[None]) / np.sqrt(var.T[None] + 1e-5)
+    np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("masked", [False, True])

@@ -129,3 +129,50 @@ def test_bln_pools_its_statistics_over_devices_as_over_one_batch():
     for key, value in whole.items():  # every device holds the whole batch's
         np.testing.assert_allclose(parts[1][key][0], value, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(parts[1][key][1], value, rtol=1e-5, atol=1e-6)
+
+
+def test_causal_bln_keeps_four_statistics_per_position_and_the_training_batch_size():
+    rng = np.random.default_rng(46)
+    b, length, d, max_len = 4, 5, 6, 7
+    x = rng.normal(0.5, 2.0, size=(b, length, d)) + np.arange(length)[:, None]
+    state = {
+        "mean": jnp.zeros((max_len, d)),
+        "var": jnp.ones((max_len, d)),
+        "feature_mean": jnp.zeros((max_len,)),
+        "feature_var": jnp.ones((max_len,)),
+        "samples": jnp.ones(()),
+    }
+    out = F.batch_layer_norm(
+        jnp.asarray(x, jnp.float32), None, state, train=True, causal=True, momentum=0.0
+    )
+    new = out.batch_stats
+    for t in range(length):  # batch part: prefix statistics; feature part: per token
+        prefix = x[:, : t + 1].reshape(-1, d)
+        np.testing.assert_allclose(new["mean"][t], prefix.mean(0), rtol=1e-5)
+        np.testing.assert_allclose(new["var"][t], prefix.var(0), rtol=1e-4)
+        np.testing.assert_allclose(
+            new["feature_mean"][t], x[:, t].mean(-1).mean(), rtol=1e-5, atol=1e-6
+        )
+        np.testing.assert_allclose(
+            new["feature_var"][t], x[:, t].var(-1).mean(), rtol=1e-5
+        )
+    np.testing.assert_array_equal(new["mean"][length:], 0.0)
+    assert float(new["samples"]) == b
+    # Evaluation mixes with the training B, row t at position t: one sequence
+    # alone gives what it gives in a batch.
+    eps = 1e-5
+    x_b = (x - np.asarray(new["mean"])[:length]) / np.sqrt(
+        np.asarray(new["var"])[:length] + eps
+    )
+    x_f = (x - np.asarray(new["feature_mean"])[:length, None]) / np.sqrt(
+        np.asarray(new["feature_var"])[:length, None] + eps
+    )
+    want = x_f / b + (1 - 1 / b) * x_b
+    batch = F.batch_layer_norm(
+        jnp.asarray(x, jnp.float32), None, new, train=False, causal=True
+    ).y
+    alone = F.batch_layer_norm(
+        jnp.asarray(x[1:2], jnp.float32), None, new, train=False, causal=True
+    ).y
+    np.testing.assert_allclose(batch, want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(alone, want[1:2], rtol=1e-4, atol=1e-4)

@@ -77,3 +77,25 @@ def test_renorm_limits_schedule():
     r, d = np.array(limits).T
     np.testing.assert_allclose(r, [1, 1, 1.5, 2, 3, 3])
     np.testing.assert_allclose(d, [0, 0, 2.5, 5, 5, 5])
+
+
+def test_causal_batch_renorm_compares_each_position_with_its_row():
+    """Unclipped, batch renorm's training output is the normalization by the
+    per-position running statistics (row t at position t); the rows follow the
+    prefix statistics as batch norm's do."""
+    rng = np.random.default_rng(45)
+    b, length, d = 6, 4, 3
+    x = jnp.asarray(rng.normal(1.0, 2.0, size=(b, length, d)), jnp.float32)
+    rows = {
+        "mean": jnp.asarray(rng.normal(size=(length + 2, d)), jnp.float32),
+        "var": jnp.asarray(rng.uniform(0.5, 2.0, (length + 2, d)), jnp.float32),
+    }
+    out = F.batch_renorm(
+        x, None, rows, train=True, causal=True, r_max=1e6, d_max=1e6, momentum=0.5
+    )
+    evaluated = F.batch_renorm(x, None, rows, train=False, causal=True).y
+    np.testing.assert_allclose(out.y, evaluated, rtol=1e-4, atol=1e-4)
+    bn = F.batch_norm(x, None, rows, train=True, causal=True, momentum=0.5)
+    for key in ("mean", "var"):
+        np.testing.assert_allclose(out.batch_stats[key], bn.batch_stats[key])
+        np.testing.assert_array_equal(out.batch_stats[key][length:], rows[key][length:])

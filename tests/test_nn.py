@@ -414,6 +414,7 @@ def test_prior_norm_starts_as_group_norm_and_bln_inference_is_switchable():
         "var",
         "feature_mean",
         "feature_var",
+        "samples",  # the training batch's B, which evaluation mixes with
     }
     outputs = {
         sources: bln.clone(inference=sources).apply(

@@ -71,6 +71,10 @@ def base() -> ml_collections.ConfigDict:
     config.text_tokenizers = ("byte", "bpe")
     config.context_norms = ("layer", "batch", "bln")
     config.context_lengths = (64, 128, 256)
+    # The context sweep runs twice: at the text preset's batch size, and at this
+    # many tokens per step (batch size tokens // L), so that a longer context
+    # is not also more tokens per step.
+    config.context_tokens_per_step = 2048
     config.text_small_batch_size = 4  # the headline's small-batch text runs
     config.headline_small_batch = 8  # the headline's small-batch CIFAR column
 
@@ -111,6 +115,7 @@ def full() -> ml_collections.ConfigDict:
     config.stats_train_images = 50_000
     config.text = text_configs.full()
     config.context_lengths = (256, 1024, 4096)
+    config.context_tokens_per_step = 64 * 256
     return config
 
 
@@ -140,6 +145,7 @@ def smoke() -> ml_collections.ConfigDict:
     config.text_tokenizers = ("byte", "bpe")
     config.context_norms = ("batch",)
     config.context_lengths = (8, 16)  # 16: the tokenizer runs' own length
+    config.context_tokens_per_step = 16  # B = 2 at L = 8, 1 at L = 16
     config.text_small_batch_size = 2
     config.headline_small_batch = 4
     return config

@@ -59,8 +59,14 @@ def base() -> ml_collections.ConfigDict:
     # eval_stride (None: max_len // 2), every token scored once.
     config.eval_stride = ml_collections.FieldReference(None, field_type=int)
     config.eval_batch_size = 64
-    # "batch": also the current eval batch's (causal) statistics, as in training.
-    config.eval_sources = ("running", "batch")
+    # Statistics sources evaluated: 'running' (population statistics kept while
+    # training; the first is reported as val_loss), 'precise' (recomputed over
+    # precise_batches training batches), 'batch' (each evaluation batch's own
+    # causal statistics, as in training: batches of batch_eval_batch_size
+    # windows, None = the training batch size, lying far apart in the text).
+    config.eval_sources = ("running", "precise", "batch")
+    config.precise_batches = 50
+    config.batch_eval_batch_size = ml_collections.FieldReference(None, field_type=int)
     config.eval_every = 0
     config.log_every = 50
     config.checkpoint_every = 500
@@ -118,6 +124,7 @@ def tiny() -> ml_collections.ConfigDict:
     config.warmup_steps = 2
     config.vocab_size = 300
     config.eval_batch_size = 256
+    config.precise_batches = 4
     config.log_every = 2
     config.checkpoint_every = 2
     config.sample_tokens = 20

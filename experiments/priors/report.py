@@ -58,11 +58,93 @@ def probe_columns(config: ml_collections.ConfigDict) -> list[str]:
     return ["running", "precise", *sizes, "class-homogeneous", "class-skewed"]
 
 
+def population_key(per_seed: dict[Any, Any]) -> str:
+    """The population-statistics figure of text runs: precise if they have it,
+    else running (runs made before precise statistics were evaluated)."""
+    if seed_values(per_seed, "val_bits_per_byte_precise"):
+        return "val_bits_per_byte_precise"
+    return "val_bits_per_byte"
+
+
 def text_cell(per_seed: dict[Any, Any]) -> str:
-    """'running (batch's causal statistics)' bits per byte, mean ± std."""
-    running = fmt(seed_values(per_seed, "val_bits_per_byte"), 1, 3)
+    """'population (leak-free batch statistics)' bits per byte, mean ± std."""
+    population = fmt(seed_values(per_seed, population_key(per_seed)), 1, 3)
     batch = fmt(seed_values(per_seed, "val_bits_per_byte_batch"), 1, 3)
-    return f"{running} ({batch})"
+    return f"{population} ({batch})"
+
+
+# Two-sided 95 % quantiles of Student's t with df = 1..30 degrees of freedom.
+_T95 = (
+    12.706,
+    4.303,
+    3.182,
+    2.776,
+    2.571,
+    2.447,
+    2.365,
+    2.306,
+    2.262,
+    2.228,
+    2.201,
+    2.179,
+    2.160,
+    2.145,
+    2.131,
+    2.120,
+    2.110,
+    2.101,
+    2.093,
+    2.086,
+    2.080,
+    2.074,
+    2.069,
+    2.064,
+    2.060,
+    2.056,
+    2.052,
+    2.048,
+    2.045,
+    2.042,
+)
+
+
+def paired_difference(
+    a: dict[Any, Any], b: dict[Any, Any], key: str
+) -> dict[str, Any] | None:
+    """``a - b`` seed by seed (the seeds share the data order) over the seeds
+    both have: the per-seed differences, their mean and its 95 % t-interval
+    (None with fewer than two seeds); None when no seed is shared."""
+    diffs = []
+    for seed in sorted(set(a) & set(b), key=str):
+        va = a[seed].get(key) if isinstance(a[seed], dict) else None
+        vb = b[seed].get(key) if isinstance(b[seed], dict) else None
+        if va is not None and vb is not None:
+            diffs.append(float(va) - float(vb))
+    if not diffs:
+        return None
+    v = np.asarray(diffs)
+    mean = float(v.mean())
+    if len(v) < 2:
+        return {"diffs": diffs, "mean": mean, "interval": None}
+    t = _T95[min(len(v) - 1, len(_T95)) - 1] if len(v) <= 31 else 1.96
+    half = t * float(v.std(ddof=1)) / np.sqrt(len(v))
+    return {"diffs": diffs, "mean": mean, "interval": (mean - half, mean + half)}
+
+
+def difference_cell(d: dict[str, Any] | None, digits: int = 3) -> str:
+    """'+0.012 [-0.004, +0.028] (per seed +0.010, …)'; 'no difference' when the
+    interval includes 0; '—' without data."""
+    if d is None:
+        return "—"
+    seeds = ", ".join(f"{x:+.{digits}f}" for x in d["diffs"])
+    if d["interval"] is None:
+        return f"{d['mean']:+.{digits}f} (one seed: no interval)"
+    lo, hi = d["interval"]
+    verdict = " — no difference" if lo <= 0.0 <= hi else ""
+    return (
+        f"{d['mean']:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
+        f"{verdict} (per seed {seeds})"
+    )
 
 
 def machine() -> str:
@@ -215,40 +297,7 @@ def write_markdown(
             gaps = [r["precise"] - r["running"] for r in by_size.get(s, {}).values()]
             cells.append(fmt(gaps, 100, 1))
         lines.append(f"| {norm} | " + " | ".join(cells) + " |")
-    lines += ["", "## 5. Text: validation bits per byte", ""]
-    lines.append(
-        "Evaluated with running statistics, and (in brackets) with each "
-        f"evaluation batch's own causal statistics ({config.text.eval_batch_size} "
-        "windows), as batch norm and bln normalize in training; power norm "
-        "divides by its running quadratic mean in training too, so its running "
-        "value is the as-trained one; per-sample norms read the same in both."
-    )
-    lines.append("")
-    toks = list(config.text_tokenizers)
-    lines.append("| norm | " + " | ".join(toks) + " |")
-    lines.append("| --- |" + " --- |" * len(toks))
-    for variant in config.text_norms:
-        cells = []
-        for t in toks:
-            per_seed = results["text"].get(text_key("tokenizer", variant, t, {}), {})
-            cells.append(text_cell(per_seed))
-        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        "Context-length sweep (byte tokens), running (batch's causal) statistics:",
-        "",
-    ]
-    lengths = list(config.context_lengths)
-    lines.append("| norm | " + " | ".join(f"L={n}" for n in lengths) + " |")
-    lines.append("| --- |" + " --- |" * len(lengths))
-    for variant in config.context_norms:
-        cells = []
-        for n in lengths:
-            per_seed = results["text"].get(
-                text_key("context", variant, "byte", {"max_len": n}), {}
-            )
-            cells.append(text_cell(per_seed))
-        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    lines += text_section(results, config)
     lines += ["", "## 6. Headline: does the global prior close the gap?", ""]
     large, small = max(config.sweep_batch_sizes), config.headline_small_batch
     lines.append(
@@ -264,3 +313,104 @@ def write_markdown(
             f"{fmt(little, scale, digits)} |"
         )
     path.write_text("\n".join(lines) + "\n")
+
+
+def text_section(results: dict[str, Any], config: ml_collections.ConfigDict) -> list:
+    """Section 5: bits per byte with population and leak-free batch statistics,
+    and every difference against layer norm, paired by seed, with its 95 %
+    interval."""
+    text = results["text"]
+    batch_size = config.text.batch_size
+    lines = ["", "## 5. Text: validation bits per byte", ""]
+    lines.append(
+        "Each cell: population statistics (precise, per position: the average "
+        "of each training batch's prefix moments over "
+        f"{config.text.precise_batches} training batches) and, in brackets, each "
+        "evaluation batch's own causal statistics — batches of the training "
+        "batch size whose windows lie more than 2L tokens apart, so no scored "
+        "token is pooled into another window's statistics. Batch norm and bln "
+        "normalize with batch statistics in training (as trained: the bracket); "
+        "power norm and causal='running' with running statistics (as trained: "
+        "the first figure); per-sample norms read the same in both. Mean ± std "
+        "over seeds."
+    )
+    lines.append("")
+    toks = list(config.text_tokenizers)
+    lines.append("| norm | " + " | ".join(toks) + " |")
+    lines.append("| --- |" + " --- |" * len(toks))
+    for variant in config.text_norms:
+        cells = []
+        for t in toks:
+            per_seed = text.get(text_key("tokenizer", variant, t, {}), {})
+            cells.append(text_cell(per_seed))
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    baseline = "layer"
+    lines += [
+        "",
+        f"Differences against {baseline} norm (bits per byte; negative: better "
+        "than layer norm), paired by seed: mean [95 % t-interval] and the "
+        "per-seed differences. 'as trained' as above; 'population' with precise "
+        "statistics for every norm.",
+        "",
+        "| norm | tokenizer | as trained | population |",
+        "| --- | --- | --- | --- |",
+    ]
+    for variant in config.text_norms:
+        if variant == baseline:
+            continue
+        for t in toks:
+            a = text.get(text_key("tokenizer", variant, t, {}), {})
+            b = text.get(text_key("tokenizer", baseline, t, {}), {})
+            trained = paired_difference(a, b, as_trained(variant))
+            population = paired_difference(a, b, population_key(a))
+            lines.append(
+                f"| {variant} | {t} | {difference_cell(trained)} | "
+                f"{difference_cell(population)} |"
+            )
+    lengths = sorted(config.context_lengths)
+    for kind, title in (
+        ("context", f"fixed batch size {batch_size}"),
+        (
+            "context tokens",
+            f"fixed {config.context_tokens_per_step} tokens per step "
+            f"(B = {config.context_tokens_per_step} / L)",
+        ),
+    ):
+
+        def runs(variant: str, n: int, kind: str = kind) -> dict[Any, Any]:
+            extra: dict[str, int] = {"max_len": n}
+            if kind == "context tokens":
+                extra["batch_size"] = config.context_tokens_per_step // n
+            return text.get(text_key(kind, variant, "byte", extra), {})
+
+        lines += [
+            "",
+            f"Context-length sweep (byte tokens), {title}: population "
+            "(leak-free batch) statistics:",
+            "",
+            "| norm | " + " | ".join(f"L={n}" for n in lengths) + " |",
+            "| --- |" + " --- |" * len(lengths),
+        ]
+        for variant in config.context_norms:
+            cells = [text_cell(runs(variant, n)) for n in lengths]
+            lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+        lines += [
+            "",
+            f"Difference against {baseline} norm, as trained, {title}:",
+            "",
+            "| norm | " + " | ".join(f"L={n}" for n in lengths) + " |",
+            "| --- |" + " --- |" * len(lengths),
+        ]
+        for variant in config.context_norms:
+            if variant == baseline:
+                continue
+            cells = [
+                difference_cell(
+                    paired_difference(
+                        runs(variant, n), runs(baseline, n), as_trained(variant)
+                    )
+                )
+                for n in lengths
+            ]
+            lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    return lines

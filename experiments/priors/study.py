@@ -22,7 +22,7 @@ from experiments.priors.runs import (
     seeds_of,
     write_json,
 )
-from experiments.priors.text import text_jobs, text_key, text_run
+from experiments.priors.text import text_jobs, text_key, text_record, text_run
 from normjax import registry
 
 
@@ -100,10 +100,7 @@ def run_study(
             text_runs[run_dir] = bool(summary)
             if summary:
                 key = text_key(kind, variant, tokenizer, extra)
-                results["text"].setdefault(key, {})[seed] = {
-                    "val_bits_per_byte": summary["val_bits_per_byte"],
-                    "val_bits_per_byte_batch": summary.get("val_bits_per_byte_batch"),
-                }
+                results["text"].setdefault(key, {})[seed] = text_record(summary)
     probe_done = sum(map(len, results["probe"].values()))
     sweep_done = sum(len(r) for n in results["sweep"].values() for r in n.values())
     sweep_planned = len(config.sweep_norms) * len(config.sweep_batch_sizes) * len(seeds)

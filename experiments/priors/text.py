@@ -65,8 +65,8 @@ def text_jobs(
     config: ml_collections.ConfigDict,
 ) -> list[tuple[str, str, str, dict[str, Any]]]:
     """(kind, variant, tokenizer, extra config) of every text comparison: the
-    tokenizer comparison, the small-batch runs, then the context sweep, the
-    longest runs last."""
+    tokenizer comparison, the small-batch runs, then the context sweeps, the
+    most tokens per step last."""
     jobs = [
         ("tokenizer", variant, tokenizer, {})
         for variant in config.text_norms
@@ -77,9 +77,44 @@ def text_jobs(
         for variant in HEADLINE_TEXT_NORMS
         if variant in config.text_norms
     ]
-    jobs += [  # shortest context first: a column is complete before the next
-        ("context", variant, "byte", {"max_len": length})
+    tokens = config.context_tokens_per_step
+    for length in sorted(config.context_lengths):
+        if tokens < length:
+            raise ValueError(
+                f"context_tokens_per_step={tokens} is below context length "
+                f"{length}: no whole sequence fits in a step."
+            )
+    # The context sweep at the preset's batch size and at a fixed number of
+    # tokens per step, cheapest runs (fewest tokens per step) first, so that a
+    # study stopped part-way has whole columns of the cheaper ones.
+    context = [
+        (kind, variant, "byte", extra)
         for length in sorted(config.context_lengths)
+        for kind, extra in (
+            ("context", {"max_len": length}),
+            ("context tokens", {"max_len": length, "batch_size": tokens // length}),
+        )
         for variant in config.context_norms
     ]
+    batch = config.text.batch_size
+
+    def tokens_per_step(job: tuple[str, str, str, dict[str, Any]]) -> int:
+        extra = job[3]
+        return extra.get("batch_size", batch) * extra["max_len"]
+
+    jobs += sorted(context, key=tokens_per_step)  # stable: shorter L first
     return jobs
+
+
+def text_record(summary: dict[str, Any]) -> dict[str, Any]:
+    """What the study keeps of a text run: bits per byte with running, precise
+    and (leak-free) batch statistics, and the loss by position."""
+    return {
+        key: summary.get(key)
+        for key in (
+            "val_bits_per_byte",
+            "val_bits_per_byte_precise",
+            "val_bits_per_byte_batch",
+            "val_loss_by_position",
+        )
+    }

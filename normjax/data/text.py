@@ -382,7 +382,12 @@ def random_windows(
 
 
 def eval_windows(
-    ids: np.ndarray, length: int, stride: int, batch_size: int
+    ids: np.ndarray,
+    length: int,
+    stride: int,
+    batch_size: int,
+    *,
+    isolated: bool = False,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Batches covering ``ids`` so that every token after the first is a scored
     target exactly once.
@@ -393,20 +398,43 @@ def eval_windows(
     prediction but the first ``length - stride`` has at least
     ``length - stride`` tokens of context. Yields dicts of (batch_size, length)
     arrays: ``inputs``, ``targets`` (int32), ``mask`` (bool: the input position
-    exists and has a target) and ``weights`` (bool: scored here). The last batch
-    is padded with empty windows (mask all False).
+    exists and has a target) and ``weights`` (bool: scored here). Batches are
+    padded with empty windows (mask all False).
+
+    Args:
+      isolated: for evaluation with the batch's own statistics. By default
+        windows sit in text order, so consecutive windows share a batch — and a
+        window's targets are the next window's inputs: statistics pooled over
+        the batch see them. With ``isolated``, window k goes to batch
+        ``k mod num_batches``, with ``num_batches`` large enough that any two
+        windows of a batch start more than ``2 * length`` tokens apart: no
+        window overlaps another of its batch or lies within ``length`` tokens
+        of it, so no scored token appears anywhere else in its batch. (Then
+        batches may hold fewer windows than ``batch_size``; the rest is
+        padding.)
     """
     if not 0 < stride <= length:
         raise ValueError(f"stride must be in [1, length={length}], got {stride}.")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     n = len(ids)
     if n < 2:
         raise ValueError("the evaluation split needs at least 2 tokens.")
     starts = [0]
     while starts[-1] + length < n - 1:
         starts.append(starts[-1] + stride)
+    all_starts = np.asarray(starts)
+    num_windows = len(all_starts)
+    if isolated:
+        num_batches = max(-(-num_windows // batch_size), (2 * length) // stride + 1)
+        num_batches = min(num_batches, num_windows)
+        chunks = [all_starts[b::num_batches] for b in range(num_batches)]
+    else:
+        chunks = [
+            all_starts[b : b + batch_size] for b in range(0, num_windows, batch_size)
+        ]
     positions = np.arange(length)
-    for b in range(0, len(starts), batch_size):
-        chunk = np.asarray(starts[b : b + batch_size])
+    for chunk in chunks:
         index = chunk[:, None] + positions  # input positions
         mask = index + 1 < n
         first = np.where(chunk == 0, 0, length - stride)
@@ -425,6 +453,17 @@ def eval_windows(
                 for k, v in batch.items()
             }
         yield batch
+
+
+def position_buckets(length: int) -> list[tuple[int, int]]:
+    """Position ranges [lo, hi) for loss by position: the first 8 positions, up
+    to L/4, up to L/2, the rest (ranges that would be empty are dropped)."""
+    edges = [0]
+    for edge in (8, length // 4, length // 2, length):
+        edge = min(edge, length)
+        if edge > edges[-1]:
+            edges.append(edge)
+    return list(zip(edges[:-1], edges[1:], strict=True))
 
 
 def bits_per_byte(total_nats: float, total_bytes: int) -> float:

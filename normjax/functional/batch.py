@@ -47,6 +47,12 @@ class BatchMoments(NamedTuple):
       normalized: with ``epsilon`` given and non-causal statistics, ``x``
         standardized by ``moments`` and scaled and shifted by ``params`` if given
         (through :func:`normalize`'s fused backward); else None.
+      positions: causal modes only: what position t was normalized with, shaped
+        (L, *features) — count, mean and the within-batch m2 of the batch's
+        prefix (or position) t; for ghost batches the merged mean and the summed
+        within-group m2, as ``pooled``. Per-position running statistics follow
+        its mean and variance (:func:`update_position_running`).
+      ghost: the statistics are those of ghost batches.
     """
 
     x: Array
@@ -55,6 +61,8 @@ class BatchMoments(NamedTuple):
     restore: Callable[[Array], Array]
     mask: Array | None = None
     normalized: Array | None = None
+    positions: Moments | None = None
+    ghost: bool = False
 
 
 def batch_moments(
@@ -156,6 +164,16 @@ def batch_moments(
             axis_index_groups=axis_index_groups,
             cumulative_axis=time if mode == "cumulative" else None,
         )
+    positions = None
+    if mode is not None:
+        assert time is not None
+        per_group = m
+        if group_axis is not None:  # as ``pooled`` below, position by position
+            merged = stats.merge_over(m, group_axis, keepdims=True)
+            per_group = Moments(
+                merged.count, merged.mean, jnp.sum(m.m2, group_axis, keepdims=True)
+            )
+        positions = Moments(*(_time_major(s, time, x_feature_axes) for s in per_group))
     pooled = m
     if mode == "cumulative":  # the last position has merged every position.
         assert time is not None
@@ -173,7 +191,134 @@ def batch_moments(
         merged = stats.merge_over(pooled, group_axis)
         pooled = Moments(merged.count, merged.mean, jnp.sum(pooled.m2, group_axis))
     pooled = Moments(*(s.reshape(feature_shape) for s in pooled))
-    return BatchMoments(x, m, pooled, restore, mask, normalized)
+    return BatchMoments(
+        x, m, pooled, restore, mask, normalized, positions, group_axis is not None
+    )
+
+
+def _time_major(s: Array, time: int, feature_axes: tuple[int, ...]) -> Array:
+    """A statistic with size-1 axes but ``time`` and ``feature_axes`` as
+    (L, *features)."""
+    keep = sorted({time, *feature_axes})
+    s = s.reshape([s.shape[a] for a in keep])
+    return jnp.transpose(s, [keep.index(a) for a in (time, *feature_axes)])
+
+
+def _from_time_major(
+    rows: Array, ndim: int, time: int, feature_axes: tuple[int, ...]
+) -> Array:
+    """(L, *features) as an array broadcastable against an input of ``ndim``
+    dimensions with time on ``time`` and the features on ``feature_axes``."""
+    source = (time, *feature_axes)
+    keep = sorted(source)
+    rows = jnp.transpose(rows, [source.index(a) for a in keep])
+    shape = [1] * ndim
+    for axis, size in zip(keep, rows.shape, strict=True):
+        shape[axis] = size
+    return rows.reshape(shape)
+
+
+def time_axis_of(x: Array, time_axis: int, feature_axes: tuple[int, ...]) -> int:
+    """The canonical time axis of ``x``; it must not be a feature axis."""
+    time = stats.canonicalize_axes(x.ndim, time_axis, name="time_axis")[0]
+    if time in feature_axes:
+        raise ValueError(
+            f"time_axis {time_axis} is a feature axis; causal statistics need time "
+            "and features on different axes."
+        )
+    return time
+
+
+def position_rows(running: Array, length: int) -> Array:
+    """Rows 0..length-1 of per-position statistics (max_len, ...); positions at
+    or past max_len read the last row."""
+    index = jnp.minimum(jnp.arange(length), running.shape[0] - 1)
+    return running[index]
+
+
+def position_mean_var(
+    batch_stats: BatchStats,
+    x: Array,
+    time: int,
+    feature_axes: tuple[int, ...],
+    *,
+    keys: tuple[str, str] = ("mean", "var"),
+) -> MeanVar:
+    """Per-position running ``mean``/``var`` (max_len, *features) for ``x``:
+    position t reads row t, positions past max_len the last row; broadcastable
+    against ``x``."""
+    length = x.shape[time]
+    mean, var = (
+        _from_time_major(
+            position_rows(batch_stats[k], length), x.ndim, time, feature_axes
+        )
+        for k in keys
+    )
+    return MeanVar(mean, var)
+
+
+def check_position_stats(
+    batch_stats: BatchStats,
+    keys: Mapping[str, tuple[int, ...]],
+    *,
+    name: str,
+) -> int:
+    """Checks that each of ``keys`` is shaped (max_len, *shape), one max_len for
+    all; returns max_len."""
+    lengths = set()
+    for key, shape in keys.items():
+        if key not in batch_stats:
+            raise ValueError(
+                f"{name}: batch_stats needs {sorted(keys)}, got keys "
+                f"{sorted(batch_stats)}."
+            )
+        got = tuple(batch_stats[key].shape)
+        if len(got) != len(shape) + 1 or got[1:] != shape or got[0] < 1:
+            raise ValueError(
+                f"{name}: per-position statistics batch_stats[{key!r}] must be "
+                f"shaped (max_len, *{shape}), got {got}. Statistics made without "
+                "per-position rows (or for another layer) need "
+                "per_position_stats=False, or re-initialize them."
+            )
+        lengths.add(got[0])
+    if len(lengths) != 1:
+        raise ValueError(
+            f"{name}: per-position statistics of different lengths {sorted(lengths)}."
+        )
+    return lengths.pop()
+
+
+def update_position_running(
+    batch_stats: BatchStats,
+    positions: Moments,
+    momentum: float,
+    *,
+    unbiased: bool = False,
+    keys: tuple[str, str] = ("mean", "var"),
+    name: str = "norm",
+) -> dict[str, Array]:
+    """EMA of per-position ``mean``/``var`` rows (max_len, *features) towards a
+    batch's ``positions`` (L, *features): row t follows the mean and the
+    within-batch variance that position t was normalized with. Rows past L, and
+    rows without a valid element in the batch, keep their value."""
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum must lie in [0, 1], got {momentum}.")
+    length = positions.count.shape[0]
+    max_len = batch_stats[keys[0]].shape[0]
+    if length > max_len:
+        raise ValueError(
+            f"{name}: training on sequences of length {length}, but the per-position "
+            f"statistics hold max_len={max_len} rows; build the layer with "
+            f"max_len >= {length} (or initialize it on sequences that long)."
+        )
+    valid = positions.count > 0
+    batch = stats.mean_var(positions, ddof=1 if unbiased else 0)
+    return {
+        key: batch_stats[key]
+        .at[:length]
+        .set(stats.ema(batch_stats[key][:length], value, momentum, valid=valid))
+        for key, value in zip(keys, batch, strict=True)
+    }
 
 
 def check_batch_stats(
@@ -241,6 +386,7 @@ def batch_norm(
     batch_axis: int = 0,
     causal: Causal = False,
     time_axis: int = 1,
+    per_position_stats: bool = True,
     unbiased_running_var: bool = False,
     dtype: Any = None,
 ) -> Normalized:
@@ -262,20 +408,38 @@ def batch_norm(
         ``virtual_batch_size``), matching what training normalized with.
       causal: for sequences x_BxLxD: False, 'cumulative' (or True),
         'per_position' or 'running' (:mod:`normjax.functional.causal`).
+      per_position_stats: causal modes only. True (the default): the running
+        statistics are per position, ``batch_stats`` mean/var shaped
+        (max_len, *features); row t is the running average of what training
+        normalized position t with — the batch's prefix (or per-position) mean
+        and its within-batch variance. Evaluation (and causal='running') reads
+        row t at position t; a sequence shorter than max_len uses the first
+        rows, a longer one reuses the last row at every position past it.
+        Training on sequences longer than max_len is an error. False: one row
+        (features,), updated from the moments pooled over the whole window (the
+        statistics of the last position), read at every position — the old
+        behaviour, kept for checkpoints made with it.
       unbiased_running_var: update the running variance with the Bessel-corrected
         batch variance (n / (n - 1)), as PyTorch does; for porting.
 
     Returns:
       ``Normalized(y, batch_stats, moments)``; ``batch_stats`` is None when none
-      were given (training without running statistics).
+      were given (training without running statistics). ``moments[""]`` is what
+      ``normjax.calibrate`` pools into precise statistics: the batch's
+      :class:`~normjax.stats.Moments`, or for per-position and ghost statistics
+      the batch's :class:`~normjax.stats.Averaged` mean and within-batch variance.
     """
     name = "batch_norm"
     feature_axes, feature_shape, broadcast = feature_layout(x, axis, name)
-    if batch_stats is not None:
-        check_batch_stats(
-            batch_stats, {"mean": feature_shape, "var": feature_shape}, name=name
-        )
     mode = parse_causal(causal, name=name)
+    positions = mode is not None and per_position_stats
+    time = time_axis_of(x, time_axis, feature_axes) if positions else -1
+    if batch_stats is not None:
+        shapes = {"mean": feature_shape, "var": feature_shape}
+        if positions:
+            check_position_stats(batch_stats, shapes, name=name)
+        else:
+            check_batch_stats(batch_stats, shapes, name=name)
     if not train or mode == "running":
         if batch_stats is None:
             raise ValueError(
@@ -283,7 +447,10 @@ def batch_norm(
                 "causal='running'), but batch_stats is None; pass the layer's "
                 "batch_stats."
             )
-        running = running_mean_var(batch_stats, broadcast)
+        if positions:
+            running = position_mean_var(batch_stats, x, time, feature_axes)
+        else:
+            running = running_mean_var(batch_stats, broadcast)
         y = standardize(x, running, epsilon, broadcast_mask(mask, x))
         y = cast_output(affine(y, params, feature_axes, name=name), x, dtype)
         if not train:
@@ -310,7 +477,57 @@ def batch_norm(
         y = cast_output(y, x, dtype)
     new_stats = None
     if batch_stats is not None:
-        new_stats = update_running(
-            batch_stats, b.pooled, momentum, unbiased=unbiased_running_var
+        new_stats = update_batch_running(
+            batch_stats,
+            b,
+            momentum,
+            positions=positions,
+            unbiased=unbiased_running_var,
+            name=name,
         )
-    return Normalized(y, new_stats, {"": b.pooled})
+    return Normalized(
+        y, new_stats, {"": calibration_moments(b, positions, batch_stats)}
+    )
+
+
+def update_batch_running(
+    batch_stats: BatchStats,
+    b: BatchMoments,
+    momentum: float,
+    *,
+    positions: bool,
+    unbiased: bool = False,
+    name: str = "norm",
+) -> dict[str, Array]:
+    """``mean``/``var`` updated from ``b``: per position (``b.positions``) or
+    pooled (``b.pooled``)."""
+    if positions:
+        assert b.positions is not None
+        return update_position_running(
+            batch_stats, b.positions, momentum, unbiased=unbiased, name=name
+        )
+    return update_running(batch_stats, b.pooled, momentum, unbiased=unbiased)
+
+
+def calibration_moments(
+    b: BatchMoments, positions: bool, batch_stats: BatchStats | None = None
+) -> Moments | stats.Averaged:
+    """What ``normjax.calibrate`` pools over batches into precise statistics:
+    the batch's moments (pooled exactly: the statistics of the concatenated
+    batches), or where training normalized with within-batch statistics that
+    are not sufficient statistics — per-position prefixes, ghost batches — the
+    batch's mean and within-batch variance, averaged over batches as the EMA
+    does (per-position rows past the batch's length get weight 0)."""
+    if positions:
+        assert b.positions is not None
+        out = stats.averaged(b.positions)
+        if batch_stats is not None:  # rows past this batch's length: weight 0
+            pad = batch_stats["mean"].shape[0] - out.weight.shape[0]
+            if pad > 0:
+                out = stats.Averaged(
+                    *(jnp.pad(s, [(0, pad)] + [(0, 0)] * (s.ndim - 1)) for s in out)
+                )
+        return out
+    if b.ghost:
+        return stats.averaged(b.pooled)
+    return b.pooled

@@ -10,9 +10,14 @@ import jax.numpy as jnp
 from normjax import stats
 from normjax.functional.batch import (
     batch_moments,
+    calibration_moments,
     check_batch_stats,
+    check_position_stats,
+    position_mean_var,
+    position_rows,
     running_mean_var,
-    update_running,
+    time_axis_of,
+    update_batch_running,
 )
 from normjax.functional.causal import Causal, parse_causal
 from normjax.functional.core import (
@@ -47,6 +52,7 @@ def batch_layer_norm(
     axis_index_groups: Any = None,
     causal: Causal = False,
     time_axis: int = 1,
+    per_position_stats: bool = True,
     dtype: Any = None,
 ) -> Normalized:
     """Batch-layer normalization, BLN (Ziaee & Cano 2022, arXiv:2209.08898).
@@ -60,7 +66,10 @@ def batch_layer_norm(
 
     Four running statistics: ``mean``/``var`` (C,) for the batch part and
     ``feature_mean``/``feature_var`` (scalars), the population averages of the
-    per-sample statistics. At inference each of (batch mean, batch var, feature
+    per-sample statistics; and ``samples`` (optional, a scalar), the B of the
+    last training batch: evaluation with running batch statistics mixes with
+    it, so its output does not depend on the evaluation batch (without the key,
+    the evaluation batch's B). At inference each of (batch mean, batch var, feature
     mean, feature var) comes from ``inference[i]`` in {'running', 'batch'} (the
     current batch or sample): the paper's 16 inference configurations.
 
@@ -69,6 +78,11 @@ def batch_layer_norm(
     they are population scalars. Its variance is unbiased, NaN at B = 1; here it
     is the biased one, finite at B = 1 (where y = x_F). Precise statistics
     (``normjax.calibrate``) recompute the batch pair only.
+
+    In causal modes with ``per_position_stats`` (the default; see
+    ``batch_norm``) all four running statistics are per position: ``mean``/``var``
+    (max_len, C), ``feature_mean``/``feature_var`` (max_len,), row t the running
+    average of what position t was normalized with.
     """
     name = "batch_layer_norm"
     feature_axes, feature_shape, broadcast = feature_layout(x, axis, name)
@@ -80,13 +94,17 @@ def batch_layer_norm(
         "feature_mean": (),
         "feature_var": (),
     }
-    check_batch_stats(batch_stats, shapes, name=name)
+    mode = parse_causal(causal, name=name)
+    positions = mode is not None and per_position_stats
+    if positions:
+        check_position_stats(batch_stats, shapes, name=name)
+    else:
+        check_batch_stats(batch_stats, shapes, name=name)
     if len(inference) != 4 or any(s not in BLN_SOURCES for s in inference):
         raise ValueError(
             f"{name}: inference={inference!r} must give 4 sources (batch mean, batch "
             f"var, feature mean, feature var), each one of {BLN_SOURCES}."
         )
-    mode = parse_causal(causal, name=name)
     sources = ("batch",) * 4 if train else tuple(inference)
     if mode == "running":
         sources = ("running",) * 4
@@ -108,7 +126,22 @@ def batch_layer_norm(
         causal="per_position" if mode == "running" else mode,
         time_axis=time_axis,
     )
-    running = running_mean_var(batch_stats, broadcast)
+    if positions:
+        time = time_axis_of(x, time_axis, feature_axes)
+        running = position_mean_var(batch_stats, x, time, feature_axes)
+        shape = [1] * x.ndim
+        shape[time] = x.shape[time]
+        running_feature = MeanVar(
+            *(
+                position_rows(batch_stats[k], x.shape[time]).reshape(shape)
+                for k in ("feature_mean", "feature_var")
+            )
+        )
+    else:
+        running = running_mean_var(batch_stats, broadcast)
+        running_feature = MeanVar(
+            batch_stats["feature_mean"], batch_stats["feature_var"]
+        )
     batch, sample = stats.mean_var(b.moments), stats.mean_var(feature_moments)
 
     def pick(source: str, current: Array, run: Array) -> Array:
@@ -119,8 +152,8 @@ def batch_layer_norm(
         pick(sources[1], batch.var, running.var),
     )
     feature_part = MeanVar(
-        pick(sources[2], sample.mean, batch_stats["feature_mean"]),
-        pick(sources[3], sample.var, batch_stats["feature_var"]),
+        pick(sources[2], sample.mean, running_feature.mean),
+        pick(sources[3], sample.var, running_feature.var),
     )
     # B counts the samples with at least one valid element: padding samples of a
     # masked batch are not samples.
@@ -134,6 +167,18 @@ def batch_layer_norm(
         axis_name=axis_name,
         axis_index_groups=axis_index_groups,
     )[0]
+    if (
+        "samples" in batch_stats
+        and not train
+        and tuple(inference[:2])
+        != (
+            "batch",
+            "batch",
+        )
+    ):
+        # Evaluation with population batch statistics mixes as training did:
+        # with the training batch's B, whatever the evaluation batch holds.
+        samples = batch_stats["samples"].reshape(())
     weight = 1.0 / jnp.maximum(samples, 1.0)
     y = weight * standardize(x, feature_part, epsilon, mask) + (
         1 - weight
@@ -141,25 +186,45 @@ def batch_layer_norm(
     y = cast_output(affine(y, params, feature_axes, name=name), x, dtype)
     if not train:
         return Normalized(y, batch_stats, {})
-    new_stats = update_running(batch_stats, b.pooled, momentum)
+    new_stats = update_batch_running(
+        batch_stats, b, momentum, positions=positions, name=name
+    )
     # Feature statistics: the mean over valid samples/positions (and devices) of
-    # the per-sample mean and variance.
+    # the per-sample mean and variance — per position, or over all of them.
     valid = feature_moments.count > 0
+    if positions:
+        reduce = tuple(a for a in range(valid.ndim) if a != time)
+    else:
+        reduce = tuple(range(valid.ndim))
     slots = stats.masked_sum(
         valid.astype(jnp.float32),
-        range(valid.ndim),
+        reduce,
         axis_name=axis_name,
         axis_index_groups=axis_index_groups,
-    ).reshape(())
+    ).reshape(-1)
     for key, value in (("feature_mean", sample.mean), ("feature_var", sample.var)):
         total = stats.masked_sum(
             value,
-            range(value.ndim),
+            reduce,
             mask=valid,
             axis_name=axis_name,
             axis_index_groups=axis_index_groups,
-        ).reshape(())
-        new_stats[key] = stats.ema(
-            batch_stats[key], stats.safe_div(total, slots), momentum, valid=slots > 0
-        )
-    return Normalized(y, new_stats, {"": b.pooled})
+        ).reshape(-1)
+        new_value = stats.safe_div(total, slots)
+        old = batch_stats[key]
+        if positions:
+            length = new_value.shape[0]
+            new_stats[key] = old.at[:length].set(
+                stats.ema(old[:length], new_value, momentum, valid=slots > 0)
+            )
+        else:
+            new_stats[key] = stats.ema(
+                old, new_value.reshape(()), momentum, valid=(slots > 0).reshape(())
+            )
+    if "samples" in batch_stats:
+        new_stats["samples"] = jnp.where(
+            samples > 0, samples, batch_stats["samples"]
+        ).astype(batch_stats["samples"].dtype)
+    return Normalized(
+        y, new_stats, {"": calibration_moments(b, positions, batch_stats)}
+    )

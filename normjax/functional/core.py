@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from normjax import stats
-from normjax.stats import Axes, MeanVar, Moments
+from normjax.stats import Averaged, Axes, MeanVar, Moments
 
 Array = jax.Array
 Params = Mapping[str, Array]
@@ -32,12 +32,14 @@ class Normalized(NamedTuple):
         (evaluation), or None when none were given.
       moments: ``{prefix: Moments}``, the batch moments behind each running pair
         ``{prefix}mean``/``{prefix}var`` (empty in evaluation) — what
-        ``normjax.calibrate`` merges into precise statistics.
+        ``normjax.calibrate`` merges into precise statistics; or
+        ``stats.Averaged`` where the population value is the average of
+        per-batch statistics (per-position prefixes, ghost batches).
     """
 
     y: Array
     batch_stats: Any
-    moments: Mapping[str, Moments]
+    moments: Mapping[str, Moments | Averaged]
 
 
 class NormalizeOutput(NamedTuple):

@@ -10,9 +10,13 @@ import jax.numpy as jnp
 from normjax import stats
 from normjax.functional.batch import (
     batch_moments,
+    calibration_moments,
     check_batch_stats,
+    check_position_stats,
+    position_mean_var,
     running_mean_var,
-    update_running,
+    time_axis_of,
+    update_batch_running,
 )
 from normjax.functional.causal import Causal, parse_causal
 from normjax.functional.core import (
@@ -67,6 +71,7 @@ def batch_renorm(
     axis_index_groups: Any = None,
     causal: Causal = False,
     time_axis: int = 1,
+    per_position_stats: bool = True,
     dtype: Any = None,
 ) -> Normalized:
     """Batch renormalization (Ioffe 2017): batch statistics corrected towards the
@@ -77,16 +82,24 @@ def batch_renorm(
     d = stop_gradient(clip((mu_B - mu) / sigma, -d_max, d_max)),
     x_hat = (x - mu_B) / sigma_B * r + d. Evaluation: (x - mu) / sigma. The running
     statistics are updated as in ``batch_norm``. r_max = 1, d_max = 0 is batch norm.
+    In causal modes with ``per_position_stats`` (the default; see ``batch_norm``)
+    the running statistics are per position, and position t's r and d compare
+    its batch statistics with row t.
     """
     name = "batch_renorm"
     feature_axes, feature_shape, broadcast = feature_layout(x, axis, name)
     if batch_stats is None:
         raise ValueError(f"{name}: batch_stats (running mean/var) is required.")
-    check_batch_stats(
-        batch_stats, {"mean": feature_shape, "var": feature_shape}, name=name
-    )
     mode = parse_causal(causal, name=name)
-    running = running_mean_var(batch_stats, broadcast)
+    positions = mode is not None and per_position_stats
+    shapes = {"mean": feature_shape, "var": feature_shape}
+    if positions:
+        check_position_stats(batch_stats, shapes, name=name)
+        time = time_axis_of(x, time_axis, feature_axes)
+        running = position_mean_var(batch_stats, x, time, feature_axes)
+    else:
+        check_batch_stats(batch_stats, shapes, name=name)
+        running = running_mean_var(batch_stats, broadcast)
     if not train or mode == "running":
         y = standardize(x, running, epsilon, broadcast_mask(mask, x))
         y = cast_output(affine(y, params, feature_axes, name=name), x, dtype)
@@ -112,5 +125,9 @@ def batch_renorm(
         if b.mask is not None:  # padding: 0 before the affine, as every norm
             x_hat = jnp.where(b.mask, x_hat, 0.0)
         y = cast_output(affine(x_hat, params, feature_axes, name=name), x, dtype)
-    new_stats = update_running(batch_stats, b.pooled, momentum)
-    return Normalized(y, new_stats, {"": b.pooled})
+    new_stats = update_batch_running(
+        batch_stats, b, momentum, positions=positions, name=name
+    )
+    return Normalized(
+        y, new_stats, {"": calibration_moments(b, positions, batch_stats)}
+    )

@@ -19,14 +19,18 @@ def norm_layer(
     name: str,
     zero_scale: bool = False,
     causal: Causal = False,
+    max_len: int | None = None,
 ) -> nn.Module:
     """``make_norm(norm, causal=causal, **norm_kwargs)`` as a submodule called
     ``name``; ``zero_scale`` starts its scale at 0 when the norm has one (when its
-    registered module declares ``scale_init``)."""
+    registered module declares ``scale_init``); ``max_len`` sizes per-position
+    running statistics, for the norms that keep them (a ``max_len`` field)."""
     kwargs = dict(norm_kwargs or {})
     fields = getattr(registry.entry(norm).module, "__dataclass_fields__", {})
     if zero_scale and "scale_init" in fields:
         kwargs["scale_init"] = nn.initializers.zeros
+    if max_len is not None and causal and "max_len" in fields:
+        kwargs.setdefault("max_len", max_len)
     return registry.make_norm(norm, causal=causal, name=name, **kwargs)
 
 

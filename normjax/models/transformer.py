@@ -6,7 +6,10 @@ token embedding by default). Every norm is ``normjax.make_norm(norm,
 causal=causal, **norm_kwargs)``: in the default ``causal='cumulative'`` a
 batch-statistics norm pools over (batch, positions <= t) — cumulative statistics —
 so that no
-logit at position t depends on a token after t, in training as in evaluation;
+logit at position t depends on a token after t, in training as in evaluation,
+and their running statistics are per position (``max_len`` rows: position t is
+evaluated with the population statistics of what training normalized position t
+with, so a single sequence evaluates as a batch does);
 ``causal='per_position'`` or ``'running'`` pick the other causal modes of
 :func:`normjax.functional.batch_moments`, and ``causal=False`` pools over the whole
 sequence (it leaks the future: for experiments that show it).
@@ -86,6 +89,7 @@ class Block(nn.Module):
     norm_kwargs: Mapping[str, Any] | None = None
     causal: Causal = "cumulative"
     out_std: float = _INIT_STD
+    max_len: int | None = None
 
     @nn.compact
     def __call__(self, x_BxLxD: Array, valid_BxL: Array, train: bool) -> Array:
@@ -94,7 +98,11 @@ class Block(nn.Module):
 
         def norm(name: str) -> nn.Module:
             return norm_layer(
-                self.norm, self.norm_kwargs, causal=self.causal, name=name
+                self.norm,
+                self.norm_kwargs,
+                causal=self.causal,
+                max_len=self.max_len,
+                name=name,
             )
 
         drop = nn.Dropout(self.dropout_rate)
@@ -184,11 +192,16 @@ class Transformer(nn.Module):
                 self.norm_kwargs,
                 self.causal,
                 out_std,
+                self.max_len,
                 name=f"block{i}",
             )(x, valid, train)
-        x = norm_layer(self.norm, self.norm_kwargs, causal=self.causal, name="norm_f")(
-            x, use_running_average=not train, mask=valid[..., None]
-        )
+        x = norm_layer(
+            self.norm,
+            self.norm_kwargs,
+            causal=self.causal,
+            max_len=self.max_len,
+            name="norm_f",
+        )(x, use_running_average=not train, mask=valid[..., None])
         if self.tie_embeddings:
             logits = embed.attend(x)
         else:

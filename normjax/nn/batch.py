@@ -26,11 +26,19 @@ zeros = nn.initializers.zeros
 ones = nn.initializers.ones
 
 
+def _stat_shape(rows: int | None, feature_shape: tuple[int, ...]) -> tuple[int, ...]:
+    return feature_shape if rows is None else (rows, *feature_shape)
+
+
 class BatchNorm(BatchStatistics):
     """Batch norm with Flax's interface, plus ``ghost_batch_size`` (training only),
     ``frozen`` (always the running statistics, never updated: fine-tuning),
     ``causal``/``time_axis`` for sequences and ``unbiased_running_var``
     (PyTorch's running variance, for porting).
+
+    In a causal mode the running statistics are per position (``max_len``, C):
+    ``max_len`` rows, or as many as the sequences the module is initialized on;
+    ``per_position_stats=False`` keeps one row (see ``functional.batch_norm``).
 
     Running statistics live in ``batch_stats/{mean,var}``; they are updated when
     ``use_running_average`` is False and the collection is mutable, never while
@@ -56,6 +64,8 @@ class BatchNorm(BatchStatistics):
     supported_causal: ClassVar[tuple[str, ...]] = CAUSAL_MODES
     causal: Causal = False
     time_axis: int = 1
+    per_position_stats: bool = True
+    max_len: int | None = None
     unbiased_running_var: bool = False
 
     @nn.compact
@@ -67,8 +77,9 @@ class BatchNorm(BatchStatistics):
         mask: Array | None = None,
     ) -> Array:
         feature_shape = feature_shape_of(x, self.axis, "BatchNorm axis")
+        shape = _stat_shape(self._position_rows(x), feature_shape)
         running = self._running(
-            {"mean": (feature_shape, jnp.zeros), "var": (feature_shape, jnp.ones)},
+            {"mean": (shape, jnp.zeros), "var": (shape, jnp.ones)},
             mean_dtype=stats.stat_dtype(x.dtype)
             if jnp.iscomplexobj(x)
             else jnp.float32,
@@ -90,6 +101,7 @@ class BatchNorm(BatchStatistics):
             ghost_batch_size=self.ghost_batch_size,
             causal=self.causal,
             time_axis=self.time_axis,
+            per_position_stats=self.per_position_stats,
             unbiased_running_var=self.unbiased_running_var,
             dtype=self.dtype,
         )
@@ -135,6 +147,8 @@ class BatchRenorm(BatchStatistics):
     supported_causal: ClassVar[tuple[str, ...]] = CAUSAL_MODES
     causal: Causal = False
     time_axis: int = 1
+    per_position_stats: bool = True
+    max_len: int | None = None
 
     @nn.compact
     def __call__(
@@ -145,9 +159,8 @@ class BatchRenorm(BatchStatistics):
         mask: Array | None = None,
     ) -> Array:
         feature_shape = feature_shape_of(x, self.axis, "BatchRenorm axis")
-        running = self._running(
-            {"mean": (feature_shape, jnp.zeros), "var": (feature_shape, jnp.ones)}
-        )
+        shape = _stat_shape(self._position_rows(x), feature_shape)
+        running = self._running({"mean": (shape, jnp.zeros), "var": (shape, jnp.ones)})
         r_max: float | Array = self.r_max
         d_max: float | Array = self.d_max
         if self.relax is not None:
@@ -173,6 +186,7 @@ class BatchRenorm(BatchStatistics):
             axis_index_groups=self.axis_index_groups,
             causal=self.causal,
             time_axis=self.time_axis,
+            per_position_stats=self.per_position_stats,
             dtype=self.dtype,
         )
 
@@ -203,6 +217,8 @@ class BatchLayerNorm(BatchStatistics):
     supported_causal: ClassVar[tuple[str, ...]] = CAUSAL_MODES
     causal: Causal = False
     time_axis: int = 1
+    per_position_stats: bool = True
+    max_len: int | None = None
 
     @nn.compact
     def __call__(
@@ -213,12 +229,15 @@ class BatchLayerNorm(BatchStatistics):
         mask: Array | None = None,
     ) -> Array:
         feature_shape = feature_shape_of(x, self.axis, "BatchLayerNorm axis")
+        rows = self._position_rows(x)
+        shape = _stat_shape(rows, feature_shape)
         running = self._running(
             {
-                "mean": (feature_shape, jnp.zeros),
-                "var": (feature_shape, jnp.ones),
-                "feature_mean": ((), jnp.zeros),
-                "feature_var": ((), jnp.ones),
+                "mean": (shape, jnp.zeros),
+                "var": (shape, jnp.ones),
+                "feature_mean": (_stat_shape(rows, ()), jnp.zeros),
+                "feature_var": (_stat_shape(rows, ()), jnp.ones),
+                "samples": ((), jnp.ones),
             }
         )
         return self._apply(
@@ -237,6 +256,7 @@ class BatchLayerNorm(BatchStatistics):
             axis_index_groups=self.axis_index_groups,
             causal=self.causal,
             time_axis=self.time_axis,
+            per_position_stats=self.per_position_stats,
             dtype=self.dtype,
         )
 

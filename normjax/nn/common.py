@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax.typing import Axes
 
 from normjax import stats
+from normjax.functional.causal import parse_causal
 
 Array = jax.Array
 
@@ -122,8 +123,9 @@ class BatchStatistics(nn.Module):
         """``fn(x, params, running values, train=..., **kwargs)`` (a functional
         norm returning ``Normalized``); stores the new running statistics when
         updating, and the batch moments behind them (``moments/{p}count,
-        {p}mean, {p}m2``, for ``normjax.calibrate``) when the 'moments'
-        collection is mutable."""
+        {p}mean, {p}m2``, or for statistics averaged over batches
+        ``moments/{p}weight, {p}mean, {p}var``; for ``normjax.calibrate``) when
+        the 'moments' collection is mutable."""
         train, update = self._train_and_update(use_running_average)
         out = fn(
             x,
@@ -135,12 +137,30 @@ class BatchStatistics(nn.Module):
         if train and self.is_mutable_collection("moments"):
             if not self.is_initializing():
                 for prefix, m in out.moments.items():
-                    for field in ("count", "mean", "m2"):
+                    for field in m._fields:  # Moments or stats.Averaged
                         self.put_variable("moments", prefix + field, getattr(m, field))
         if update:
             for key, value in out.batch_stats.items():
                 running[key].value = value
         return out.y
+
+    def _position_rows(self, x: Array) -> int | None:
+        """The number of per-position rows of the running statistics (the
+        module's ``max_len``, else the length of the sequences it is initialized
+        on), or None when they are not per position (not causal, or
+        ``per_position_stats=False``)."""
+        mode = parse_causal(getattr(self, "causal", False), name=type(self).__name__)
+        if mode is None or not getattr(self, "per_position_stats", False):
+            return None
+        max_len = getattr(self, "max_len", None)
+        if max_len is not None:
+            if max_len < 1:
+                raise ValueError(
+                    f"{type(self).__name__}: max_len must be >= 1, got {max_len}."
+                )
+            return max_len
+        time = stats.canonicalize_axes(x.ndim, self.time_axis, name="time_axis")[0]
+        return x.shape[time]
 
     def _axis_name(self) -> Any:
         # As in Flax: at init the named axis may not exist yet.
