@@ -15,7 +15,8 @@ without editing it.
 Both use two hooks of :mod:`normjax.nn`: ``nn.statistics_source(source)``, which
 switches every batch-statistics module at trace time (so it is entered inside
 the jitted function), and the ``'moments'`` collection, where a module stores the
-batch moments ``moments/{p}count, {p}mean, {p}m2`` behind its running statistics
+batch moments ``moments/{p}count, {p}mean, {p}m2`` (or, for statistics averaged
+over batches, ``{p}weight, {p}mean, {p}var``) behind its running statistics
 ``batch_stats/{p}mean, {p}var``. Layers outside that protocol (``flax.linen``'s
 own ``BatchNorm``) are not switched and get no precise statistics;
 :func:`precise_batch_stats` warns about them.
@@ -155,6 +156,12 @@ def precise_moments(
     ``nn.statistics_source('batch')`` with the ``'moments'`` collection mutable,
     and merges each layer's moments exactly: every valid element of every batch
     has equal weight, so the result is the statistics of the concatenated batches.
+    Layers that normalize with within-batch statistics that are not pooled
+    moments — per-position causal prefixes, ghost batches — record
+    ``{p}weight, {p}mean, {p}var`` (``stats.Averaged``) instead: each batch's
+    mean and within-batch variance, averaged over the batches with equal weight
+    (what their running average estimates; pooling would add the spread between
+    batch means). A slot no batch had a valid element in keeps its running value.
 
     Upstream of each layer, every layer normalizes with the statistics of the
     batch, as in training (Wu & Johnson's precise BN): a layer's population

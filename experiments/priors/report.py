@@ -321,11 +321,27 @@ def text_section(results: dict[str, Any], config: ml_collections.ConfigDict) -> 
     interval."""
     text = results["text"]
     batch_size = config.text.batch_size
+    # Results of studies made before these settings existed: their values.
+    precise_batches = config.text.get("precise_batches", 50)
+    tokens_per_step = config.get("context_tokens_per_step", 2048)
     lines = ["", "## 5. Text: validation bits per byte", ""]
+    new_evaluation = any(
+        seed_values(per_seed, "val_bits_per_byte_precise") for per_seed in text.values()
+    )
+    if text and not new_evaluation:
+        lines.append(
+            "**Results made before the evaluation was corrected:** the first "
+            "figure used the running statistics (one row pooled over the whole "
+            "window), the bracket each evaluation batch's causal statistics over "
+            f"{config.text.eval_batch_size} consecutive windows, which pool other "
+            "windows' future tokens (not leak-free). The captions below describe "
+            "the corrected evaluation."
+        )
+        lines.append("")
     lines.append(
         "Each cell: population statistics (precise, per position: the average "
         "of each training batch's prefix moments over "
-        f"{config.text.precise_batches} training batches) and, in brackets, each "
+        f"{precise_batches} training batches) and, in brackets, each "
         "evaluation batch's own causal statistics — batches of the training "
         "batch size whose windows lie more than 2L tokens apart, so no scored "
         "token is pooled into another window's statistics. Batch norm and bln "
@@ -372,15 +388,14 @@ def text_section(results: dict[str, Any], config: ml_collections.ConfigDict) -> 
         ("context", f"fixed batch size {batch_size}"),
         (
             "context tokens",
-            f"fixed {config.context_tokens_per_step} tokens per step "
-            f"(B = {config.context_tokens_per_step} / L)",
+            f"fixed {tokens_per_step} tokens per step (B = {tokens_per_step} / L)",
         ),
     ):
 
         def runs(variant: str, n: int, kind: str = kind) -> dict[Any, Any]:
             extra: dict[str, int] = {"max_len": n}
             if kind == "context tokens":
-                extra["batch_size"] = config.context_tokens_per_step // n
+                extra["batch_size"] = tokens_per_step // n
             return text.get(text_key(kind, variant, "byte", extra), {})
 
         lines += [
