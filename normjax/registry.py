@@ -88,6 +88,27 @@ _REGISTRY: dict[str, Entry] = {
         Statistics.PER_SAMPLE_PRIOR,
         "group norm plus the sample's learned offset from population statistics",
     ),
+    "population": Entry(
+        norms.PopulationNorm,
+        {},
+        Statistics.RUNNING,
+        "batch norm trained on its running statistics after a batch-norm warm-up "
+        "(isolates the prior from batch noise and the gradient through it)",
+    ),
+    "mix": Entry(
+        norms.MixNorm,
+        {},
+        Statistics.PER_SAMPLE_PRIOR,
+        "per-sample statistics mixed with population statistics by a learned "
+        "weight per channel (how much prior a network uses)",
+    ),
+    "batch_group": Entry(
+        norms.BatchGroupNorm,
+        {"num_groups": 8},
+        Statistics.BATCH,
+        "batch statistics over (batch, space, a group of channels) (Zhou et al. "
+        "2020; separates pooling over the batch from per-channel)",
+    ),
     "layer": Entry(norms.LayerNorm, {}, Statistics.PER_SAMPLE, "over the features"),
     "rms": Entry(
         norms.RMSNorm,

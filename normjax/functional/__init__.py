@@ -23,7 +23,8 @@ One idea per module: :mod:`~normjax.functional.core` (standardize, affine, the
 fused ``normalize``), :mod:`~normjax.functional.causal` (causal modes),
 :mod:`~normjax.functional.per_sample`, :mod:`~normjax.functional.batch`,
 :mod:`~normjax.functional.renorm`, :mod:`~normjax.functional.bln`,
-:mod:`~normjax.functional.prior` and :mod:`~normjax.functional.power`.
+:mod:`~normjax.functional.prior`, :mod:`~normjax.functional.power` and
+:mod:`~normjax.functional.population` (population, mix and batch group norm).
 """
 
 from normjax.functional import power
@@ -57,6 +58,11 @@ from normjax.functional.per_sample import (
     layer_norm,
     rms_norm,
 )
+from normjax.functional.population import (
+    batch_group_norm,
+    mix_norm,
+    population_norm,
+)
 from normjax.functional.power import apply_nu_updates, power_norm
 from normjax.functional.prior import prior_norm
 from normjax.functional.renorm import batch_renorm, renorm_limits
@@ -73,6 +79,7 @@ __all__ = [
     "Params",
     "affine",
     "apply_nu_updates",
+    "batch_group_norm",
     "batch_layer_norm",
     "batch_moments",
     "batch_norm",
@@ -86,8 +93,10 @@ __all__ = [
     "group_norm",
     "instance_norm",
     "layer_norm",
+    "mix_norm",
     "normalize",
     "parse_causal",
+    "population_norm",
     "power",
     "power_norm",
     "prior_norm",

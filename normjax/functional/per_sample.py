@@ -211,7 +211,7 @@ def instance_norm(
     )
 
 
-def _group_split(
+def group_split(
     x: Array,
     *,
     num_groups: int | None,
@@ -273,7 +273,7 @@ def group_moments(
     include the last axis). Shared by group norm, the prior norm and EvoNorm.
     """
     mode = parse_causal(causal, supported=SUPPORTED_CAUSAL, name=name)
-    x_grouped, axes, mask = _group_split(
+    x_grouped, axes, mask = group_split(
         x,
         num_groups=num_groups,
         group_size=group_size,
@@ -332,7 +332,7 @@ def group_norm(
         y = y.reshape(x.shape)
         y = affine(y, params, (x.ndim - 1,), name=name)
         return cast_output(y, x, dtype)
-    x_grouped, axes, mask = _group_split(
+    x_grouped, axes, mask = group_split(
         x,
         num_groups=num_groups,
         group_size=group_size,

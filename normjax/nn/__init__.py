@@ -39,9 +39,11 @@ from normjax.nn.per_sample import (
     LayerNorm,
     RMSNorm,
 )
+from normjax.nn.population import BatchGroupNorm, MixNorm, PopulationNorm
 
 __all__ = [
     "STATISTICS_SOURCES",
+    "BatchGroupNorm",
     "BatchLayerNorm",
     "BatchNorm",
     "BatchRenorm",
@@ -50,6 +52,8 @@ __all__ = [
     "Identity",
     "InstanceNorm",
     "LayerNorm",
+    "MixNorm",
+    "PopulationNorm",
     "PowerNorm",
     "PriorNorm",
     "RMSNorm",
