@@ -64,6 +64,9 @@ RESEARCH: tuple[str, ...] = (
     "prior",
     "evonorm_s0",
     "power",
+    "population",
+    "mix",
+    "batch_group",
 )
 ALL_LAYERS: tuple[str, ...] = (*LAYERS, *RESEARCH)
 
@@ -343,9 +346,12 @@ def bench_case(
     kwargs = layer_kwargs(key, x.shape, str(x.dtype))
     if key in RESEARCH:
         ref_mod = flax_nn.BatchNorm(**kwargs)
-        groups = {"num_groups": math.gcd(8, x.shape[-1])} if key == "prior" else {}
+        grouped = key in ("prior", "batch_group")
+        groups = {"num_groups": math.gcd(8, x.shape[-1])} if grouped else {}
         if key == "evonorm_s0":
             groups = {"num_groups": math.gcd(DEFAULT_GROUPS, x.shape[-1])}
+        if key == "population":  # its population phase, not the batch-norm warm-up
+            groups = {"warmup_steps": 0}
         new_mod = normjax.make_norm(key, **kwargs, **groups)
         label = f"{key} (vs BN)"
     else:
