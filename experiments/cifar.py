@@ -207,6 +207,7 @@ class CifarTask:
                                 else images[s : s + size]
                             },
                             source=source,
+                            example_weight=1.0 / self.config.batch_size,
                         ),
                         np.float32,
                     )

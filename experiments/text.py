@@ -197,6 +197,7 @@ class TextTask:
                         {"inputs": batch["inputs"], "mask": batch["mask"]},
                         source=source,
                         precise_stats=precise,
+                        example_weight=1.0 / self.config.batch_size,
                     ),
                     np.float64,
                 )

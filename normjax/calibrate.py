@@ -48,7 +48,7 @@ Tree = Mapping[str, Any]
 # (module path..., prefix) -> the moments of the statistic pair {prefix}mean/var.
 _Grouped = dict[tuple[str, ...], Moments | Averaged]
 
-SOURCES = ("running", "precise", "batch")
+SOURCES = ("running", "precise", "batch", "example_weighted")
 _MOMENT_KEYS = ("count", "mean", "m2")
 _AVERAGED_KEYS = ("weight", "mean", "var")
 
@@ -368,7 +368,13 @@ class Evaluator:
     * ``'precise'``: the same with ``batch_stats`` replaced by ``precise_stats``
       (from :func:`precise_batch_stats`);
     * ``'batch'``: the statistics of the given batch, under
-      ``nn.statistics_source('batch')``; running statistics are not updated.
+      ``nn.statistics_source('batch')``; running statistics are not updated;
+    * ``'example_weighted'``: each sample by ``example_weight`` times its own
+      statistics mixed with ``1 - example_weight`` times the running ones
+      (inference example weighting, Summers & Dinneen 2020): with
+      ``example_weight = 1 / training batch size`` what training normalized it
+      with, in expectation — no retraining, no batch, no model edit. Pass
+      ``precise_stats`` too to mix with precise statistics instead of running.
 
     The function is jitted once per statistics context and input shape (unless
     ``jit=False``); the context is entered inside the traced function.
@@ -403,12 +409,15 @@ class Evaluator:
         self.apply_kwargs = apply_kwargs
         self._compiled: dict[str, Callable[..., Any]] = {}
 
-    def _apply_fn(self, context: str) -> Callable[..., Any]:
-        if context not in self._compiled:
+    def _apply_fn(
+        self, context: str, example_weight: float | None = None
+    ) -> Callable[..., Any]:
+        key = context if example_weight is None else f"{context}:{example_weight!r}"
+        if key not in self._compiled:
 
             def apply(variables: Variables, batch: Any) -> Any:
                 args, kwargs = self.inputs(batch)
-                with norms.statistics_source(context):
+                with norms.statistics_source(context, example_weight=example_weight):
                     return self.model.apply(
                         variables,
                         *args,
@@ -417,8 +426,8 @@ class Evaluator:
                         **self.apply_kwargs,
                     )
 
-            self._compiled[context] = jax.jit(apply) if self.jit else apply
-        return self._compiled[context]
+            self._compiled[key] = jax.jit(apply) if self.jit else apply
+        return self._compiled[key]
 
     def __call__(
         self,
@@ -427,17 +436,32 @@ class Evaluator:
         *,
         source: str = "running",
         precise_stats: Tree | None = None,
+        example_weight: float | None = None,
     ) -> Any:
         """The model's output on ``batch`` with statistics from ``source``;
-        ``precise_stats`` is read by ``'precise'`` only."""
+        ``precise_stats`` is read by ``'precise'`` (and by
+        ``'example_weighted'`` when given), ``example_weight`` by
+        ``'example_weighted'`` only (required there: 1 / the training batch
+        size)."""
         _check_source(source)
         if source == "precise":
             variables = _with_precise(variables, precise_stats)
+        if source == "example_weighted":
+            if example_weight is None:
+                raise ValueError(
+                    "source='example_weighted' needs example_weight: pass "
+                    "example_weight=1 / the training batch size (what training "
+                    "normalized each sample with, in expectation)."
+                )
+            if precise_stats is not None:
+                variables = _with_precise(variables, precise_stats)
+            context = "example_weighted"
+        else:
+            example_weight = None
+            context = "batch" if source == "batch" else "running"
         if self.place_batch is not None:
             batch = self.place_batch(batch)
-        return self._apply_fn("batch" if source == "batch" else "running")(
-            variables, batch
-        )
+        return self._apply_fn(context, example_weight)(variables, batch)
 
 
 def make_eval_fn(
@@ -445,6 +469,7 @@ def make_eval_fn(
     *,
     source: str,
     precise_stats: Tree | None = None,
+    example_weight: float | None = None,
     method: Callable[..., Any] | str | None = None,
     jit: bool = True,
     **apply_kwargs: Any,
@@ -462,7 +487,13 @@ def make_eval_fn(
     evaluator = Evaluator(model, method=method, jit=jit, **apply_kwargs)
 
     def f(variables: Variables, *inputs: Any) -> Any:
-        return evaluator(variables, inputs, source=source, precise_stats=precise_stats)
+        return evaluator(
+            variables,
+            inputs,
+            source=source,
+            precise_stats=precise_stats,
+            example_weight=example_weight,
+        )
 
     return f
 
@@ -474,6 +505,7 @@ def evaluate(
     *,
     source: str,
     precise_stats: Tree | None = None,
+    example_weight: float | None = None,
     method: Callable[..., Any] | str | None = None,
     **apply_kwargs: Any,
 ) -> Any:
@@ -485,4 +517,10 @@ def evaluate(
     jit; to evaluate many batches, make one :class:`Evaluator`.
     """
     evaluator = Evaluator(model, method=method, jit=False, **apply_kwargs)
-    return evaluator(variables, inputs, source=source, precise_stats=precise_stats)
+    return evaluator(
+        variables,
+        inputs,
+        source=source,
+        precise_stats=precise_stats,
+        example_weight=example_weight,
+    )

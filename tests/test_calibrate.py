@@ -254,6 +254,7 @@ def test_precise_statistics_and_every_source_ignore_what_padding_holds(mlp, pois
                 (jnp.asarray(x), masks[0]),
                 source=source,
                 precise_stats=clean,
+                example_weight=0.25,
             )
             for x in (planted(0.0)[0], planted(poison)[0])
         ]
@@ -403,9 +404,23 @@ def test_jitted_eval_fns_keep_their_source(mlp_setup):
         "running": plain(variables, x),
         "precise": plain({**variables, "batch_stats": precise}, x),
         "batch": model.apply(variables, x, train=True, mutable=["batch_stats"])[0],
+        "example_weighted": calibrate.evaluate(
+            model,
+            variables,
+            x,
+            source="example_weighted",
+            example_weight=0.25,
+            train=False,
+        ),
     }
     fns = {
-        s: calibrate.make_eval_fn(model, source=s, precise_stats=precise, train=False)
+        s: calibrate.make_eval_fn(
+            model,
+            source=s,
+            precise_stats=None if s == "example_weighted" else precise,
+            example_weight=0.25,
+            train=False,
+        )
         for s in calibrate.SOURCES
     }
     for _ in range(2):  # second round: cached traces
@@ -433,17 +448,25 @@ def test_one_evaluator_serves_every_source_with_inputs_and_placement(mlp_setup):
     evaluator = calibrate.Evaluator(model, inputs=inputs, place_batch=place)
     batch = {"x": x - 1.0, "shift": jnp.float32(1.0)}
     for source in calibrate.SOURCES:
-        y = evaluator(variables, batch, source=source, precise_stats=precise)
+        y = evaluator(
+            variables, batch, source=source, precise_stats=precise, example_weight=0.5
+        )
         want = calibrate.evaluate(
-            model, variables, x, source=source, precise_stats=precise, train=False
+            model,
+            variables,
+            x,
+            source=source,
+            precise_stats=precise,
+            example_weight=0.5,
+            train=False,
         )
         np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
-    assert placed == [x.shape] * 3
+    assert placed == [x.shape] * 4
     # traced once per statistics context ('precise' reuses 'running'), never eagerly
-    assert len(traced) == 2
+    assert len(traced) == 3
     assert all(issubclass(t, jax.core.Tracer) for t in traced)
     evaluator(variables, batch, source="batch")
-    assert len(traced) == 2
+    assert len(traced) == 3
 
 
 def test_per_sample_model_is_the_same_under_every_source():
@@ -457,7 +480,13 @@ def test_per_sample_model_is_the_same_under_every_source():
     expected = model.apply(variables, x, train=False)
     for source in calibrate.SOURCES:
         y = calibrate.evaluate(
-            model, variables, x, source=source, precise_stats=precise, train=False
+            model,
+            variables,
+            x,
+            source=source,
+            precise_stats=precise,
+            example_weight=0.5,
+            train=False,
         )
         np.testing.assert_array_equal(y, expected)
 
@@ -549,3 +578,52 @@ def test_precise_ghost_statistics_average_the_within_ghost_variance():
         atol=1e-6,
     )
     np.testing.assert_allclose(precise["var"], np.mean(within, 0), rtol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [False, "cumulative", "per_position"])
+def test_example_weighting_mixes_each_sample_with_the_population(causal):
+    """'example_weighted': each sample normalized by w * its own statistics +
+    (1 - w) * the running ones (a two-component mixture), independently of the
+    other samples; no model edit, no retraining."""
+    rng = np.random.default_rng(61)
+    if causal:
+        x = rng.normal(1.0, 2.0, size=(3, 5, 4))
+        layer = norms.BatchNorm(use_running_average=True, causal=causal)
+    else:
+        x = rng.normal(1.0, 2.0, size=(3, 2, 2, 4))
+        layer = norms.BatchNorm(use_running_average=True)
+    variables = layer.init(jax.random.key(0), jnp.asarray(x, jnp.float32))
+    shape = variables["batch_stats"]["mean"].shape
+    stats_ = {"mean": rng.normal(size=shape), "var": rng.uniform(0.5, 2, shape)}
+    variables = {**variables, "batch_stats": jax.tree.map(jnp.asarray, stats_)}
+    w = 0.25
+    y = calibrate.evaluate(
+        layer,
+        variables,
+        jnp.asarray(x, jnp.float32),
+        source="example_weighted",
+        example_weight=w,
+    )
+    if causal == "cumulative":
+        mu = np.stack([x[:, : t + 1].mean(1) for t in range(5)], 1)
+        var = np.stack([x[:, : t + 1].var(1) for t in range(5)], 1)
+    elif causal == "per_position":
+        mu, var = x, np.zeros_like(x)
+    else:
+        mu, var = x.mean((1, 2), keepdims=True), x.var((1, 2), keepdims=True)
+    pm, pv = stats_["mean"], stats_["var"]
+    mean = w * mu + (1 - w) * pm
+    mixed = w * var + (1 - w) * pv + w * (1 - w) * (mu - pm) ** 2
+    np.testing.assert_allclose(
+        y, (x - mean) / np.sqrt(mixed + EPS), rtol=1e-4, atol=1e-5
+    )
+    alone = calibrate.evaluate(
+        layer,
+        variables,
+        jnp.asarray(x[:1], jnp.float32),
+        source="example_weighted",
+        example_weight=w,
+    )
+    np.testing.assert_allclose(alone, y[:1], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="example_weight=1 / the training batch"):
+        calibrate.evaluate(layer, variables, jnp.asarray(x), source="example_weighted")

@@ -160,8 +160,9 @@ def test_presets():
 @pytest.mark.parametrize("norm", ["batch", "bln"])
 def test_population_statistics_evaluate_alike_in_batches_of_1_and_64(tmp_path, norm):
     """The same windows, evaluated with population statistics (running and
-    precise, per position) in batches of 1 and of 64: the same loss; the
-    leak-free batch evaluation runs in batches of the training batch size."""
+    precise, per position; and example-weighted) in batches of 1 and of 64: the
+    same loss; the leak-free batch evaluation runs in batches of the training
+    batch size."""
     import jax
 
     from normjax.train import train_and_evaluate
@@ -175,6 +176,7 @@ def test_population_statistics_evaluate_alike_in_batches_of_1_and_64(tmp_path, n
         norm=norm,
         num_steps=4,
         validation_fraction=0.2,
+        eval_sources=("running", "precise", "batch", "example_weighted"),
     )
     task = experiment.TextTask(config, str(tmp_path / "run"))
     model = experiment.build_model(config, task.tokenizer.vocab_size)
@@ -188,11 +190,11 @@ def test_population_statistics_evaluate_alike_in_batches_of_1_and_64(tmp_path, n
         task.config.unlock()
         task.config.eval_batch_size = size
         results[size] = task.evaluate(evaluator, state)
-    for key in ("val_loss", "val_loss_precise"):
+    for key in ("val_loss", "val_loss_precise", "val_loss_example_weighted"):
         np.testing.assert_allclose(results[1][key], results[64][key], rtol=2e-6)
     assert results[1]["val_loss"] != results[1]["val_loss_precise"]
     np.testing.assert_allclose(summary["val_loss"], results[64]["val_loss"], rtol=2e-6)
     by_position = summary["val_loss_by_position"]
-    assert set(by_position) == {"running", "precise", "batch"}
+    assert set(by_position) == {"running", "precise", "batch", "example_weighted"}
     assert list(by_position["running"]) == ["0-7", "8-15"]
     assert all(math.isfinite(v) for d in by_position.values() for v in d.values())

@@ -64,6 +64,9 @@ def base() -> ml_collections.ConfigDict:
     config.eval_every = 0
     config.checkpoint_every = 500
     config.keep_checkpoints = 2
+    # Statistics sources evaluated ('running', 'batch', 'example_weighted':
+    # each image by 1/batch_size of its own statistics mixed with the running
+    # ones; see normjax.calibrate); the first is reported as test_accuracy.
     config.eval_sources = ("running", "batch")
     config.flip_test = True
     config.progress = True

@@ -63,7 +63,9 @@ def base() -> ml_collections.ConfigDict:
     # training; the first is reported as val_loss), 'precise' (recomputed over
     # precise_batches training batches), 'batch' (each evaluation batch's own
     # causal statistics, as in training: batches of batch_eval_batch_size
-    # windows, None = the training batch size, lying far apart in the text).
+    # windows, None = the training batch size, lying far apart in the text);
+    # also 'example_weighted' (each window by 1/batch_size of its own causal
+    # statistics mixed with the population's; see normjax.calibrate).
     config.eval_sources = ("running", "precise", "batch")
     config.precise_batches = 50
     config.batch_eval_batch_size = ml_collections.FieldReference(None, field_type=int)

@@ -321,6 +321,53 @@ def update_position_running(
     }
 
 
+def example_weighted(
+    x: Array,
+    running: MeanVar,
+    feature_axes: tuple[int, ...],
+    weight: float,
+    *,
+    mask: Array | None = None,
+    batch_axis: int = 0,
+    causal: Causal | None = False,
+    time_axis: int = 1,
+) -> MeanVar:
+    """Inference example weighting (Summers & Dinneen 2020): each sample's own
+    statistics (over its axes but the features; causal modes: over its positions
+    <= t, or at t) mixed with the population's ``running`` ones with weight
+    ``weight`` for the sample: the mean and variance of the two-component
+    mixture,
+
+        mean = w mu_s + (1 - w) mu,
+        var  = w var_s + (1 - w) var + w (1 - w) (mu_s - mu)^2.
+
+    With w = 1 / B this is, in expectation, what training normalized the sample
+    with in a batch of B. No output depends on other samples.
+    """
+    if not 0.0 < weight <= 1.0:
+        raise ValueError(f"example_weight must lie in (0, 1], got {weight}.")
+    mode = parse_causal(causal, name="example_weighted")
+    batch = stats.canonicalize_axes(x.ndim, batch_axis, name="batch_axis")[0]
+    axes = tuple(a for a in range(x.ndim) if a not in feature_axes and a != batch)
+    cumulative = None
+    if mode is not None:
+        time = time_axis_of(x, time_axis, feature_axes)
+        if mode == "cumulative":
+            cumulative = time
+        else:  # the sample at position t alone
+            axes = tuple(a for a in axes if a != time)
+    sample = stats.mean_var(
+        stats.moments(x, axes, mask=broadcast_mask(mask, x), cumulative_axis=cumulative)
+    )
+    delta = sample.mean - running.mean
+    return MeanVar(
+        running.mean + weight * delta,
+        weight * sample.var
+        + (1 - weight) * running.var
+        + weight * (1 - weight) * stats.abs2(delta),
+    )
+
+
 def check_batch_stats(
     batch_stats: BatchStats,
     shapes: Mapping[str, tuple[int, ...]],
@@ -388,6 +435,7 @@ def batch_norm(
     time_axis: int = 1,
     per_position_stats: bool = True,
     unbiased_running_var: bool = False,
+    example_weight: float | None = None,
     dtype: Any = None,
 ) -> Normalized:
     """Batch norm (Ioffe & Szegedy 2015): per-feature statistics over every axis
@@ -421,6 +469,10 @@ def batch_norm(
         behaviour, kept for checkpoints made with it.
       unbiased_running_var: update the running variance with the Bessel-corrected
         batch variance (n / (n - 1)), as PyTorch does; for porting.
+      example_weight: evaluation only. Normalize each sample by its own
+        statistics mixed with the running ones with this weight
+        (:func:`example_weighted`; 1 / the training batch size: what training
+        normalized it with, in expectation).
 
     Returns:
       ``Normalized(y, batch_stats, moments)``; ``batch_stats`` is None when none
@@ -451,6 +503,17 @@ def batch_norm(
             running = position_mean_var(batch_stats, x, time, feature_axes)
         else:
             running = running_mean_var(batch_stats, broadcast)
+        if example_weight is not None and not train:
+            running = example_weighted(
+                x,
+                running,
+                feature_axes,
+                example_weight,
+                mask=mask,
+                batch_axis=batch_axis,
+                causal=mode,
+                time_axis=time_axis,
+            )
         y = standardize(x, running, epsilon, broadcast_mask(mask, x))
         y = cast_output(affine(y, params, feature_axes, name=name), x, dtype)
         if not train:

@@ -13,6 +13,7 @@ from normjax.functional.batch import (
     calibration_moments,
     check_batch_stats,
     check_position_stats,
+    example_weighted,
     position_mean_var,
     position_rows,
     running_mean_var,
@@ -53,6 +54,7 @@ def batch_layer_norm(
     causal: Causal = False,
     time_axis: int = 1,
     per_position_stats: bool = True,
+    example_weight: float | None = None,
     dtype: Any = None,
 ) -> Normalized:
     """Batch-layer normalization, BLN (Ziaee & Cano 2022, arXiv:2209.08898).
@@ -141,6 +143,16 @@ def batch_layer_norm(
         running = running_mean_var(batch_stats, broadcast)
         running_feature = MeanVar(
             batch_stats["feature_mean"], batch_stats["feature_var"]
+        )
+    if example_weight is not None and not train:  # the batch part, see batch_norm
+        running = example_weighted(
+            x,
+            running,
+            feature_axes,
+            example_weight,
+            mask=mask,
+            causal=mode,
+            time_axis=time_axis,
         )
     batch, sample = stats.mean_var(b.moments), stats.mean_var(feature_moments)
 

@@ -321,6 +321,7 @@ def batch_group_norm(
     causal: Causal = False,
     time_axis: int = 1,
     per_position_stats: bool = True,
+    example_weight: float | None = None,
     dtype: Any = None,
 ) -> Normalized:
     """Batch group norm (Zhou et al. 2020): batch norm whose statistics pool a
@@ -361,6 +362,7 @@ def batch_group_norm(
         causal=causal,
         time_axis=time,
         per_position_stats=per_position_stats,
+        example_weight=example_weight,
     )
     y = affine(out.y.reshape(x.shape), params, (x.ndim - 1,), name=name)
     return Normalized(cast_output(y, x, dtype), out.batch_stats, out.moments)

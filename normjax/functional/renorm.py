@@ -13,6 +13,7 @@ from normjax.functional.batch import (
     calibration_moments,
     check_batch_stats,
     check_position_stats,
+    example_weighted,
     position_mean_var,
     running_mean_var,
     time_axis_of,
@@ -72,6 +73,7 @@ def batch_renorm(
     causal: Causal = False,
     time_axis: int = 1,
     per_position_stats: bool = True,
+    example_weight: float | None = None,
     dtype: Any = None,
 ) -> Normalized:
     """Batch renormalization (Ioffe 2017): batch statistics corrected towards the
@@ -101,6 +103,16 @@ def batch_renorm(
         check_batch_stats(batch_stats, shapes, name=name)
         running = running_mean_var(batch_stats, broadcast)
     if not train or mode == "running":
+        if example_weight is not None and not train:  # see batch_norm
+            running = example_weighted(
+                x,
+                running,
+                feature_axes,
+                example_weight,
+                mask=mask,
+                causal=mode,
+                time_axis=time_axis,
+            )
         y = standardize(x, running, epsilon, broadcast_mask(mask, x))
         y = cast_output(affine(y, params, feature_axes, name=name), x, dtype)
         if not train:

@@ -30,7 +30,12 @@ from normjax.nn.batch import (
     PowerNorm,
     PriorNorm,
 )
-from normjax.nn.common import STATISTICS_SOURCES, current_source, statistics_source
+from normjax.nn.common import (
+    STATISTICS_SOURCES,
+    current_example_weight,
+    current_source,
+    statistics_source,
+)
 from normjax.nn.per_sample import (
     EvoNormS0,
     GroupNorm,
@@ -57,6 +62,7 @@ __all__ = [
     "PowerNorm",
     "PriorNorm",
     "RMSNorm",
+    "current_example_weight",
     "current_source",
     "statistics_source",
 ]

@@ -17,6 +17,7 @@ from normjax.functional.causal import CAUSAL_MODES, Causal
 from normjax.nn.common import (
     BatchStatistics,
     affine_params,
+    current_example_weight,
     current_source,
     feature_shape_of,
 )
@@ -102,6 +103,7 @@ class BatchNorm(BatchStatistics):
             causal=self.causal,
             time_axis=self.time_axis,
             per_position_stats=self.per_position_stats,
+            example_weight=None if self.frozen else current_example_weight(),
             unbiased_running_var=self.unbiased_running_var,
             dtype=self.dtype,
         )
@@ -187,6 +189,7 @@ class BatchRenorm(BatchStatistics):
             causal=self.causal,
             time_axis=self.time_axis,
             per_position_stats=self.per_position_stats,
+            example_weight=current_example_weight(),
             dtype=self.dtype,
         )
 
@@ -257,6 +260,7 @@ class BatchLayerNorm(BatchStatistics):
             causal=self.causal,
             time_axis=self.time_axis,
             per_position_stats=self.per_position_stats,
+            example_weight=current_example_weight(),
             dtype=self.dtype,
         )
 

@@ -18,33 +18,66 @@ from normjax.functional.causal import parse_causal
 
 Array = jax.Array
 
-STATISTICS_SOURCES = ("running", "batch")
+STATISTICS_SOURCES = ("running", "batch", "example_weighted")
 _SOURCE: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "normjax_statistics_source", default=None
+)
+_EXAMPLE_WEIGHT: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "normjax_example_weight", default=None
 )
 
 
 @contextlib.contextmanager
-def statistics_source(source: str) -> Iterator[None]:
+def statistics_source(
+    source: str, *, example_weight: float | None = None
+) -> Iterator[None]:
     """Within this context every normjax batch-statistics module normalizes with
-    ``source`` — 'running' (the stored averages) or 'batch' (the current batch,
-    without updating the stored averages) — whatever ``use_running_average`` it
-    is given. It acts when a function is traced: jit inside the context.
+    ``source`` — 'running' (the stored averages), 'batch' (the current batch,
+    without updating the stored averages) or 'example_weighted' (each sample by
+    ``example_weight`` times its own statistics plus ``1 - example_weight``
+    times the running ones, mixed as two distributions: what training
+    normalized it with, in expectation, when ``example_weight`` is 1 / the
+    training batch size; Summers & Dinneen 2020) — whatever
+    ``use_running_average`` it is given. It acts when a function is traced: jit
+    inside the context.
+
+    'example_weighted' acts on the modules that normalize with batch statistics
+    in training (batch norm and ghost batches, batch renorm, BLN's batch part,
+    batch group norm); the others read their running statistics, as in
+    evaluation.
     """
     if source not in STATISTICS_SOURCES:
         raise ValueError(
             f"unknown statistics source {source!r}; use one of {STATISTICS_SOURCES}."
         )
+    if source == "example_weighted":
+        if example_weight is None or not 0.0 < example_weight <= 1.0:
+            raise ValueError(
+                "statistics_source('example_weighted') needs example_weight in "
+                f"(0, 1], got {example_weight!r}; use 1 / the training batch size."
+            )
+    elif example_weight is not None:
+        raise ValueError(
+            f"example_weight is read by source 'example_weighted' only, not {source!r}."
+        )
     token = _SOURCE.set(source)
+    weight_token = _EXAMPLE_WEIGHT.set(example_weight)
     try:
         yield
     finally:
         _SOURCE.reset(token)
+        _EXAMPLE_WEIGHT.reset(weight_token)
 
 
 def current_source() -> str | None:
     """The source set by :func:`statistics_source`, or None outside it."""
     return _SOURCE.get()
+
+
+def current_example_weight() -> float | None:
+    """The example weight of ``statistics_source('example_weighted', ...)``, or
+    None outside it."""
+    return _EXAMPLE_WEIGHT.get()
 
 
 def affine_params(module: nn.Module, feature_shape: tuple[int, ...]) -> dict:
@@ -82,7 +115,7 @@ class BatchStatistics(nn.Module):
     def _train_and_update(self, use_running_average: bool | None) -> tuple[bool, bool]:
         """(normalize with batch statistics?, update the running ones?)."""
         source = _SOURCE.get()
-        if source is not None:
+        if source is not None:  # 'running' and 'example_weighted': evaluation
             return source == "batch", False
         use_running_average = nn.merge_param(
             "use_running_average",

@@ -17,6 +17,7 @@ from normjax.functional.population import MIX_CAUSAL
 from normjax.nn.common import (
     BatchStatistics,
     affine_params,
+    current_example_weight,
     current_source,
     feature_shape_of,
 )
@@ -228,5 +229,6 @@ class BatchGroupNorm(BatchStatistics):
             causal=self.causal,
             time_axis=self.time_axis,
             per_position_stats=self.per_position_stats,
+            example_weight=current_example_weight(),
             dtype=self.dtype,
         )
