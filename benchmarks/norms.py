@@ -67,6 +67,7 @@ RESEARCH: tuple[str, ...] = (
     "population",
     "mix",
     "batch_group",
+    "online",
 )
 ALL_LAYERS: tuple[str, ...] = (*LAYERS, *RESEARCH)
 

@@ -88,6 +88,13 @@ _REGISTRY: dict[str, Entry] = {
         Statistics.PER_SAMPLE_PRIOR,
         "group norm plus the sample's learned offset from population statistics",
     ),
+    "online": Entry(
+        norms.OnlineNorm,
+        {},
+        Statistics.RUNNING,
+        "each sample by the running statistics of the samples before it, control "
+        "process backward (Chiley et al. 2019; batch size 1 works)",
+    ),
     "population": Entry(
         norms.PopulationNorm,
         {},
@@ -200,6 +207,15 @@ def entry(name: str) -> Entry:
     return _REGISTRY[name]
 
 
+def causal_modes(norm: str) -> tuple[str, ...]:
+    """The causal modes the norm named ``norm`` supports (empty: it refuses
+    sequences' causal modes, saying why)."""
+    module = entry(norm).module
+    fields = getattr(module, "__dataclass_fields__", {})
+    supported = CAUSAL_MODES if "causal" in fields else ()
+    return tuple(getattr(module, "supported_causal", supported))
+
+
 def make_norm(norm: str, /, *, causal: Causal = False, **overrides: Any) -> nn.Module:
     """A Flax module for the norm named ``norm``, its defaults updated by
     ``overrides`` (which may include Flax's ``name``).
@@ -215,12 +231,16 @@ def make_norm(norm: str, /, *, causal: Causal = False, **overrides: Any) -> nn.M
     """
     spec = entry(norm)
     kwargs = {**spec.defaults, **overrides}
-    fields = getattr(spec.module, "__dataclass_fields__", {})
     # A module without a ``causal`` field supports no causal mode; one that has
     # it without declaring ``supported_causal`` is trusted with every mode.
-    supported = CAUSAL_MODES if "causal" in fields else ()
-    supported = getattr(spec.module, "supported_causal", supported)
-    mode = parse_causal(causal, supported=supported, name=f"norm {norm!r}")
+    supported = causal_modes(norm)
+    try:
+        mode = parse_causal(causal, supported=supported, name=f"norm {norm!r}")
+    except ValueError as error:
+        why = getattr(spec.module, "causal_refusal", "")
+        if why and causal:
+            raise ValueError(f"{error} {why}.") from None
+        raise
     if mode is not None:
         kwargs["causal"] = mode
     try:

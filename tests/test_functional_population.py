@@ -320,7 +320,7 @@ class TinyCNN(nn.Module):
         return nn.Dense(2)(x)
 
 
-@pytest.mark.parametrize("norm", ["population", "mix"])
+@pytest.mark.parametrize("norm", ["population", "mix", "online"])
 def test_a_tiny_cnn_trains_at_batch_size_1_and_evaluates_sample_by_sample(norm):
     rng = np.random.default_rng(60)
     images = rng.normal(size=(64, 6, 6, 3)).astype(np.float32)
@@ -331,13 +331,19 @@ def test_a_tiny_cnn_trains_at_batch_size_1_and_evaluates_sample_by_sample(norm):
     variables = model.init(jax.random.key(0), images[:1], train=False)
     opt = optax.adam(3e-3)
     params, stats = variables["params"], variables["batch_stats"]
+    perturbations = variables.get("perturbations", {})
+    assert bool(perturbations) == (norm == "online")  # the control process's u, v
     state = opt.init(params)
 
     @jax.jit
     def step(params, stats, state, x, y):
-        def loss_fn(params):
+        def loss_fn(params, perturbations):
             logits, updates = model.apply(
-                {"params": params, "batch_stats": stats},
+                {
+                    "params": params,
+                    "batch_stats": stats,
+                    "perturbations": perturbations,
+                },
                 x,
                 train=True,
                 mutable=["batch_stats"],
@@ -345,7 +351,10 @@ def test_a_tiny_cnn_trains_at_batch_size_1_and_evaluates_sample_by_sample(norm):
             loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
             return loss, updates["batch_stats"]
 
-        (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        (loss, stats), (grads, increments) = jax.value_and_grad(
+            loss_fn, argnums=(0, 1), has_aux=True
+        )(params, perturbations)
+        stats = F.apply_nu_updates(stats, increments) if perturbations else stats
         updates, state = opt.update(grads, state)
         return optax.apply_updates(params, updates), stats, state, loss
 
@@ -358,6 +367,10 @@ def test_a_tiny_cnn_trains_at_batch_size_1_and_evaluates_sample_by_sample(norm):
             losses.append(float(loss))
     assert np.all(np.isfinite(losses))
     assert np.mean(losses[-64:]) < np.mean(losses[:64])
+    if norm == "online":  # the control process ran: u and v moved
+        layer = next(v for v in stats.values() if "u" in v)
+        assert float(jnp.abs(layer["u"]).max()) > 0
+        assert float(jnp.abs(layer["v"]).max()) > 0
     variables = {"params": params, "batch_stats": stats}
     together = model.apply(variables, images[:8], train=False)
     alone = np.concatenate(

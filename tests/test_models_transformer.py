@@ -45,6 +45,10 @@ def train_logits(model, variables, x, mask=None):
 @pytest.mark.slow  # a whole model per norm; test_registry checks each norm alone
 @pytest.mark.parametrize("name", normjax.names())
 def test_logits_up_to_t_never_see_later_tokens_in_training(name):
+    if "cumulative" not in normjax.registry.causal_modes(name):
+        with pytest.raises(ValueError, match="does not support causal"):
+            small(name).init(jax.random.key(0), tokens())
+        return
     model = small(name)
     x = tokens()
     variables = trained_variables(model, x)
@@ -61,6 +65,10 @@ def test_logits_up_to_t_never_see_later_tokens_in_training(name):
 
 @pytest.mark.parametrize("name", ["batch", "bln", "power", "prior", "layer"])
 def test_logits_up_to_t_never_see_later_tokens_in_evaluation(name):
+    if "cumulative" not in normjax.registry.causal_modes(name):
+        with pytest.raises(ValueError, match="does not support causal"):
+            small(name).init(jax.random.key(0), tokens())
+        return
     model = small(name)
     x = tokens()
     variables = trained_variables(model, x)
@@ -94,6 +102,10 @@ def test_batch_norm_over_batch_and_time_leaks_when_causal_mode_is_off():
 @pytest.mark.slow  # a whole model per norm; test_registry checks each norm alone
 @pytest.mark.parametrize("name", normjax.names())
 def test_pad_tokens_stay_out_of_attention_and_statistics(name):
+    if "cumulative" not in normjax.registry.causal_modes(name):
+        with pytest.raises(ValueError, match="does not support causal"):
+            small(name).init(jax.random.key(0), tokens())
+        return
     model = small(name)
     x = tokens()
     lengths = jnp.array([LENGTH, 7, 3, 10])

@@ -24,7 +24,8 @@ fused ``normalize``), :mod:`~normjax.functional.causal` (causal modes),
 :mod:`~normjax.functional.per_sample`, :mod:`~normjax.functional.batch`,
 :mod:`~normjax.functional.renorm`, :mod:`~normjax.functional.bln`,
 :mod:`~normjax.functional.prior`, :mod:`~normjax.functional.power` and
-:mod:`~normjax.functional.population` (population, mix and batch group norm).
+:mod:`~normjax.functional.population` (population, mix and batch group norm),
+:mod:`~normjax.functional.online` (Online Normalization).
 """
 
 from normjax.functional import power
@@ -50,6 +51,7 @@ from normjax.functional.core import (
     normalize,
     standardize,
 )
+from normjax.functional.online import online_norm
 from normjax.functional.per_sample import (
     evonorm_s0,
     group_moments,
@@ -95,6 +97,7 @@ __all__ = [
     "layer_norm",
     "mix_norm",
     "normalize",
+    "online_norm",
     "parse_causal",
     "population_norm",
     "power",

@@ -390,7 +390,9 @@ def power_norm(
 def apply_nu_updates(
     batch_stats: Mapping[str, Any], perturbation_grads: Mapping[str, Any]
 ) -> dict[str, Any]:
-    """Adds the nu increments to every PowerNorm's ``nu`` in a batch_stats tree.
+    """Adds the nu increments to every PowerNorm's ``nu`` (and the control
+    process's ``u``/``v`` increments to every Online Normalization state) in a
+    batch_stats tree.
 
     ``perturbation_grads`` is the gradient of the loss w.r.t. the
     ``'perturbations'`` collection (or, for the functional API, ``{'nu': dnu}``
@@ -407,6 +409,11 @@ def apply_nu_updates(
     def is_power_state(node: Any) -> bool:
         return isinstance(node, Mapping) and "psi2" in node and "nu" in node
 
+    def is_online_state(node: Any) -> bool:  # Online Normalization's u and v
+        return isinstance(node, Mapping) and all(
+            k in node for k in ("mean", "var", "u", "v")
+        )
+
     def walk(stats_node: Any, grad_node: Any, path: tuple[str, ...]) -> Any:
         if not isinstance(stats_node, Mapping):
             return stats_node
@@ -416,15 +423,17 @@ def apply_nu_updates(
         for key, grad in grad_node.items():
             if key not in stats_node:
                 continue
-            if key == "nu" and is_power_state(stats_node):
-                nu = stats_node["nu"]
-                if tuple(jnp.shape(grad)) != tuple(jnp.shape(nu)):
+            if (key == "nu" and is_power_state(stats_node)) or (
+                key in ("u", "v") and is_online_state(stats_node)
+            ):
+                old = stats_node[key]
+                if tuple(jnp.shape(grad)) != tuple(jnp.shape(old)):
                     raise ValueError(
-                        f"apply_nu_updates: the increment at {'/'.join(path)}/nu has "
-                        f"shape {tuple(jnp.shape(grad))}, nu has "
-                        f"{tuple(jnp.shape(nu))}."
+                        f"apply_nu_updates: the increment at {'/'.join(path)}/{key} "
+                        f"has shape {tuple(jnp.shape(grad))}, {key} has "
+                        f"{tuple(jnp.shape(old))}."
                     )
-                out["nu"] = nu + jnp.asarray(grad).astype(nu.dtype)
+                out[key] = old + jnp.asarray(grad).astype(old.dtype)
                 applied.append(path)
             elif isinstance(grad, Mapping):
                 out[key] = walk(stats_node[key], grad, (*path, key))

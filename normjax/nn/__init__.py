@@ -44,7 +44,7 @@ from normjax.nn.per_sample import (
     LayerNorm,
     RMSNorm,
 )
-from normjax.nn.population import BatchGroupNorm, MixNorm, PopulationNorm
+from normjax.nn.population import BatchGroupNorm, MixNorm, OnlineNorm, PopulationNorm
 
 __all__ = [
     "STATISTICS_SOURCES",
@@ -58,6 +58,7 @@ __all__ = [
     "InstanceNorm",
     "LayerNorm",
     "MixNorm",
+    "OnlineNorm",
     "PopulationNorm",
     "PowerNorm",
     "PriorNorm",

@@ -232,3 +232,88 @@ class BatchGroupNorm(BatchStatistics):
             example_weight=current_example_weight(),
             dtype=self.dtype,
         )
+
+
+class OnlineNorm(BatchStatistics):
+    """Online Normalization (Chiley et al. 2019) — see ``functional.online_norm``:
+    each sample normalized by the running statistics of the samples before it,
+    the control process in the backward pass.
+
+    Variables: ``params/{scale,bias}``; ``batch_stats/{mean,var,u,v}``;
+    ``perturbations/{u,v}``, zeros whose gradients are the control process's
+    increments of ``u``/``v`` (``normjax.train`` adds them with
+    ``functional.apply_nu_updates``, as for PowerNorm's ``nu``). Defaults from
+    the paper's CIFAR settings: ``momentum`` 1023/1024 (forward), backward
+    127/128, activation clamping at 5.
+
+    Under ``statistics_source('batch')`` it normalizes as in evaluation (its
+    forward never uses the batch's statistics) and records no 'moments'.
+    Sequences: no causal mode (the statistics run over samples in sequence,
+    not over the positions of a sequence).
+    """
+
+    use_running_average: bool | None = None
+    axis: int | tuple[int, ...] = -1
+    momentum: float = 1023 / 1024
+    backward_momentum: float = 127 / 128
+    epsilon: float = 1e-5
+    ecm: str = "clamp"
+    clamp_value: float = 5.0
+    ls_epsilon: float = 1e-5
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+    use_bias: bool = True
+    use_scale: bool = True
+    bias_init: Initializer = zeros
+    scale_init: Initializer = ones
+    supported_causal: ClassVar[tuple[str, ...]] = ()
+    causal_refusal: ClassVar[str] = (
+        "Online Normalization's statistics run over the samples of the batch in "
+        "sequence, not over the positions of a sequence; for a language model "
+        "use 'population' or 'mix', which carry population statistics per "
+        "position"
+    )
+
+    @nn.compact
+    def __call__(
+        self,
+        x: Array,
+        use_running_average: bool | None = None,
+        *,
+        mask: Array | None = None,
+    ) -> Array:
+        feature_shape = feature_shape_of(x, self.axis, "OnlineNorm axis")
+        state = {
+            key: self.variable("batch_stats", key, init, feature_shape, jnp.float32)
+            for key, init in (
+                ("mean", jnp.zeros),
+                ("var", jnp.ones),
+                ("u", jnp.zeros),
+                ("v", jnp.zeros),
+            )
+        }
+        values = {key: var.value for key, var in state.items()}
+        for key in ("u", "v"):  # perturbed in evaluation too: init creates them
+            values[key] = self.perturb(key, values[key])
+        train, update = self._train_and_update(use_running_average)
+        if current_source() == "batch":
+            train = False
+        out = F.online_norm(
+            x,
+            affine_params(self, feature_shape),
+            values,
+            train=train,
+            axis=self.axis,
+            momentum=self.momentum,
+            backward_momentum=self.backward_momentum,
+            epsilon=self.epsilon,
+            ecm=self.ecm,
+            clamp_value=self.clamp_value,
+            ls_epsilon=self.ls_epsilon,
+            mask=mask,
+            dtype=self.dtype,
+        )
+        if update:
+            for key in ("mean", "var"):
+                state[key].value = out.batch_stats[key]
+        return out.y
