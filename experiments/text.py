@@ -157,8 +157,14 @@ class TextTask:
           it) whose windows lie far apart (``text.eval_windows(isolated=True)``),
           so that no scored token is seen by any other window's statistics.
 
+        * 'example_weighted': each window by 1 / batch_size of its own causal
+          statistics mixed with the population's (precise ones when 'precise'
+          is evaluated too, else running).
+
         With population statistics the result does not depend on the evaluation
-        batch (a sequence is normalized alone).
+        batch (a sequence is normalized alone). The loss by position averages
+        every valid position of every window, scored or not (windows overlap),
+        so its buckets do not add up to ``val_loss``.
         """
         size = self.config.eval_batch_size
         if size % jax.device_count():
@@ -179,11 +185,19 @@ class TextTask:
             bucket_nats = np.zeros(len(buckets))
             bucket_count = np.zeros(len(buckets))
             if source == "batch":
+                batch_size = self.config.batch_eval_batch_size or self.config.batch_size
+                if batch_size % jax.device_count():
+                    raise ValueError(
+                        f"batch statistics are evaluated in batches of {batch_size} "
+                        f"(the training batch size), not a multiple of the "
+                        f"{jax.device_count()} devices; set "
+                        "--config.batch_eval_batch_size."
+                    )
                 windows = text.eval_windows(
                     self.val_ids,
                     self.config.max_len,
                     self.stride,
-                    self.config.batch_eval_batch_size or self.config.batch_size,
+                    batch_size,
                     isolated=True,
                 )
             else:

@@ -186,7 +186,8 @@ def precise_moments(
 
     Returns:
       The merged ``'moments'`` collection, ``{layer path: {p}count, {p}mean,
-      {p}m2}`` with feature-shaped float32 leaves; empty if the model has no
+      {p}m2}`` (or ``{p}weight, {p}mean, {p}var`` for averaged statistics) with
+      statistics-shaped float32 leaves; empty if the model has no
       batch-statistics layer.
     """
     if num_batches is not None:

@@ -414,3 +414,29 @@ def test_complex_batch_norm_matches_float64_reference(masked):
     y_eval, _, _ = F.batch_norm(x64, None, new, train=False, mask=mask)
     want_eval = np.where(w, (x - 0.1 * mean) / np.sqrt(0.9 + 0.1 * var + 1e-5), 0)
     np.testing.assert_allclose(y_eval, want_eval, rtol=1e-4, atol=1e-4)
+
+
+def test_per_position_rows_of_a_complex_input_become_complex():
+    rng = np.random.default_rng(49)
+    x = rng.normal(size=(3, 4, 2)) + 1j * rng.normal(size=(3, 4, 2))
+    rows = {"mean": jnp.zeros((4, 2)), "var": jnp.ones((4, 2))}
+    new = F.batch_norm(
+        jnp.asarray(x, jnp.complex64), None, rows, train=True, causal=True
+    ).batch_stats
+    assert jnp.iscomplexobj(new["mean"]) and not jnp.iscomplexobj(new["var"])
+    want = 0.01 * np.stack([x[:, : t + 1].mean((0, 1)) for t in range(4)])
+    np.testing.assert_allclose(new["mean"], want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("fn", [F.batch_norm, F.batch_renorm])
+def test_example_weighting_leaves_causal_running_mode_as_trained(fn):
+    """causal='running' trains on running statistics: example weighting, which
+    stands in for batch statistics, does not apply to it."""
+    rng = np.random.default_rng(62)
+    x = jnp.asarray(rng.normal(size=(4, 5, 3)), jnp.float32)
+    rows = {"mean": jnp.ones((5, 3)), "var": 2 * jnp.ones((5, 3))}
+    plain = fn(x, None, rows, train=False, causal="running").y
+    weighted = fn(x, None, rows, train=False, causal="running", example_weight=0.25).y
+    np.testing.assert_array_equal(plain, weighted)
+    other = fn(x, None, rows, train=False, causal=True, example_weight=0.25).y
+    assert not np.allclose(plain, other)

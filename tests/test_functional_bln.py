@@ -176,3 +176,36 @@ def test_causal_bln_keeps_four_statistics_per_position_and_the_training_batch_si
     ).y
     np.testing.assert_allclose(batch, want, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(alone, want[1:2], rtol=1e-4, atol=1e-4)
+
+
+def test_bln_in_causal_running_mode_mixes_with_the_training_batch_size():
+    rng = np.random.default_rng(63)
+    x = jnp.asarray(rng.normal(size=(4, 5, 6)), jnp.float32)
+    state = {
+        "mean": jnp.ones((5, 6)),
+        "var": jnp.ones((5, 6)) * 2,
+        "feature_mean": jnp.zeros((5,)),
+        "feature_var": jnp.ones((5,)),
+        "samples": jnp.asarray(8.0),
+    }
+    kwargs = dict(train=False, causal="running", inference=("batch",) * 4)
+    batch = F.batch_layer_norm(x, None, state, **kwargs).y
+    alone = F.batch_layer_norm(x[2:3], None, state, **kwargs).y
+    np.testing.assert_allclose(alone, batch[2:3], rtol=1e-5, atol=1e-6)
+
+
+def test_bln_variables_made_before_the_samples_key_still_load():
+    import normjax
+
+    layer = normjax.nn.BatchLayerNorm()
+    x = jax.random.normal(jax.random.key(0), (4, 6))
+    variables = layer.init(jax.random.key(1), x, use_running_average=False)
+    old = {
+        "params": variables["params"],
+        "batch_stats": {
+            k: v for k, v in variables["batch_stats"].items() if k != "samples"
+        },
+    }
+    y, updates = layer.apply(old, x, use_running_average=False, mutable=["batch_stats"])
+    assert "samples" not in updates["batch_stats"]
+    assert np.all(np.isfinite(layer.apply(old, x, use_running_average=True)))

@@ -108,6 +108,17 @@ _T95 = (
 )
 
 
+def t95(df: int) -> float:
+    """The two-sided 95 % quantile of Student's t with ``df`` degrees of
+    freedom: tabulated to 30, then the Cornish-Fisher expansion (error < 1e-3)."""
+    if df < 1:
+        raise ValueError(f"t95 needs df >= 1, got {df}.")
+    if df <= len(_T95):
+        return _T95[df - 1]
+    z = 1.959964
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+
+
 def paired_difference(
     a: dict[Any, Any], b: dict[Any, Any], key: str
 ) -> dict[str, Any] | None:
@@ -126,7 +137,7 @@ def paired_difference(
     mean = float(v.mean())
     if len(v) < 2:
         return {"diffs": diffs, "mean": mean, "interval": None}
-    t = _T95[min(len(v) - 1, len(_T95)) - 1] if len(v) <= 31 else 1.96
+    t = t95(len(v) - 1)
     half = t * float(v.std(ddof=1)) / np.sqrt(len(v))
     return {"diffs": diffs, "mean": mean, "interval": (mean - half, mean + half)}
 

@@ -4,7 +4,11 @@ Every norm that reads statistics of the whole batch gets them from
 :func:`batch_moments`: one place for masks, devices (``axis_name``), ghost
 batches and the causal modes for sequences (:mod:`normjax.functional.causal`).
 Running statistics are ``batch_stats`` ``mean``/``var``, updated by
-:func:`update_running` and read by :func:`running_mean_var`.
+:func:`update_running` and read by :func:`running_mean_var` — or, in causal
+modes, per position (max_len, features), updated by
+:func:`update_position_running` and read by :func:`position_mean_var`.
+:func:`example_weighted` mixes a sample's own statistics with them (inference
+example weighting).
 """
 
 from __future__ import annotations
@@ -313,12 +317,15 @@ def update_position_running(
         )
     valid = positions.count > 0
     batch = stats.mean_var(positions, ddof=1 if unbiased else 0)
-    return {
-        key: batch_stats[key]
-        .at[:length]
-        .set(stats.ema(batch_stats[key][:length], value, momentum, valid=valid))
-        for key, value in zip(keys, batch, strict=True)
-    }
+    out = {}
+    for key, value in zip(keys, batch, strict=True):
+        # A complex mean makes the rows complex (as stats.ema does).
+        old = batch_stats[key]
+        old = old.astype(jnp.result_type(old.dtype, value.dtype))
+        out[key] = old.at[:length].set(
+            stats.ema(old[:length], value, momentum, valid=valid)
+        )
+    return out
 
 
 def example_weighted(
@@ -503,7 +510,7 @@ def batch_norm(
             running = position_mean_var(batch_stats, x, time, feature_axes)
         else:
             running = running_mean_var(batch_stats, broadcast)
-        if example_weight is not None and not train:
+        if example_weight is not None and not train and mode != "running":
             running = example_weighted(
                 x,
                 running,

@@ -144,7 +144,9 @@ def batch_layer_norm(
         running_feature = MeanVar(
             batch_stats["feature_mean"], batch_stats["feature_var"]
         )
-    if example_weight is not None and not train:  # the batch part, see batch_norm
+    if (
+        example_weight is not None and not train and mode != "running"
+    ):  # the batch part, see batch_norm
         running = example_weighted(
             x,
             running,
@@ -182,11 +184,7 @@ def batch_layer_norm(
     if (
         "samples" in batch_stats
         and not train
-        and tuple(inference[:2])
-        != (
-            "batch",
-            "batch",
-        )
+        and tuple(sources[:2]) != ("batch", "batch")
     ):
         # Evaluation with population batch statistics mixes as training did:
         # with the training batch's B, whatever the evaluation batch holds.

@@ -103,7 +103,9 @@ def batch_renorm(
         check_batch_stats(batch_stats, shapes, name=name)
         running = running_mean_var(batch_stats, broadcast)
     if not train or mode == "running":
-        if example_weight is not None and not train:  # see batch_norm
+        if (
+            example_weight is not None and not train and mode != "running"
+        ):  # see batch_norm
             running = example_weighted(
                 x,
                 running,

@@ -7,9 +7,12 @@ causal=causal, **norm_kwargs)``: in the default ``causal='cumulative'`` a
 batch-statistics norm pools over (batch, positions <= t) — cumulative statistics —
 so that no
 logit at position t depends on a token after t, in training as in evaluation,
-and their running statistics are per position (``max_len`` rows: position t is
-evaluated with the population statistics of what training normalized position t
-with, so a single sequence evaluates as a batch does);
+and the running statistics of the norms that normalize with batch statistics
+(batch norm, ghost batches, batch renorm, BLN, batch group norm; and population
+and mix norm) are per position (``max_len`` rows: position t is evaluated with
+the population statistics of what training normalized position t with, so a
+single sequence evaluates as a batch does; PowerNorm and the prior norm, which
+train on their running statistics, keep one row);
 ``causal='per_position'`` or ``'running'`` pick the other causal modes of
 :func:`normjax.functional.batch_moments`, and ``causal=False`` pools over the whole
 sequence (it leaks the future: for experiments that show it).

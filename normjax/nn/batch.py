@@ -103,10 +103,19 @@ class BatchNorm(BatchStatistics):
             causal=self.causal,
             time_axis=self.time_axis,
             per_position_stats=self.per_position_stats,
-            example_weight=None if self.frozen else current_example_weight(),
+            example_weight=self._example_weight(),
             unbiased_running_var=self.unbiased_running_var,
             dtype=self.dtype,
         )
+
+    def _example_weight(self) -> float | None:
+        """The example weight under ``statistics_source('example_weighted')``:
+        a sample's share of the statistics it was trained with — 1 / the ghost
+        batch size for ghost batches, else the context's; none when frozen."""
+        weight = current_example_weight()
+        if weight is None or self.frozen:
+            return None
+        return 1.0 / self.ghost_batch_size if self.ghost_batch_size else weight
 
     def _train_and_update(self, use_running_average: bool | None) -> tuple[bool, bool]:
         if self.frozen:  # frozen statistics stay frozen whatever the source.
@@ -240,9 +249,15 @@ class BatchLayerNorm(BatchStatistics):
                 "var": (shape, jnp.ones),
                 "feature_mean": (_stat_shape(rows, ()), jnp.zeros),
                 "feature_var": (_stat_shape(rows, ()), jnp.ones),
-                "samples": ((), jnp.ones),
             }
         )
+        # The training batch's B, which evaluation mixes with; variables made
+        # before it existed load without it (evaluation then mixes with the
+        # evaluation batch's B, as before).
+        if self.is_initializing() or self.has_variable("batch_stats", "samples"):
+            running["samples"] = self.variable(
+                "batch_stats", "samples", jnp.ones, (), jnp.float32
+            )
         return self._apply(
             F.batch_layer_norm,
             x,

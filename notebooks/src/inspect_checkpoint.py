@@ -140,10 +140,16 @@ test_x = cifar.standardize_images(
 test_y = task.data.test_labels
 for source in calibrate.SOURCES:
     logits = calibrate.evaluate(
-        model, variables, test_x, source=source, precise_stats=precise, train=False
+        model,
+        variables,
+        test_x,
+        source=source,
+        precise_stats=precise,
+        example_weight=1 / config.batch_size,  # read by 'example_weighted' only
+        train=False,
     )
     accuracy = np.mean(logits.argmax(-1) == test_y)
-    print(f"{source:8s} statistics: accuracy {accuracy:.3f}")
+    print(f"{source:16s} statistics: accuracy {accuracy:.3f}")
 
 # %% [md]
 # ## What batch statistics carry: how far each class sits from the population
@@ -164,8 +170,11 @@ with normjax.nn.statistics_source("batch"):
     _, sown = model.apply(variables, test_x[:500], train=False, mutable=["moments"])
 for layer, m in sorted(sown["moments"].items()):
     running = float(variables["batch_stats"][layer]["mean"][0])
+    # pooled moments record a count; statistics averaged over batches (ghost
+    # batches, per-position prefixes) a weight
+    size = f"count {float(m['count'][0]):.0f}" if "count" in m else "one batch"
     print(
-        f"{layer}: count {float(m['count'][0]):.0f} per channel, batch mean of "
+        f"{layer}: {size} per channel, batch mean of "
         f"channel 0 {float(m['mean'][0]):+.3f} (running {running:+.3f})"
     )
 

@@ -136,7 +136,11 @@ def accuracy(source, batches):
     logits = np.zeros((len(test_y), 10), np.float32)
     for idx, mask in zip(batches.indices, batches.mask, strict=True):
         out = evaluator(
-            variables, (test_x[idx], mask), source=source, precise_stats=precise
+            variables,
+            (test_x[idx], mask),
+            source=source,
+            precise_stats=precise,
+            example_weight=1 / config.cifar.batch_size,
         )
         logits[idx[mask]] = np.asarray(out)[mask]
     return float(np.mean(logits.argmax(-1) == test_y))
@@ -145,5 +149,5 @@ def accuracy(source, batches):
 mixed = samplers.eval_batches(len(test_y), 50)
 homogeneous = samplers.class_homogeneous_eval_batches(test_y, 10, seed=0)
 for source in calibrate.SOURCES:
-    print(f"{source:8s} statistics, mixed batches of 50: {accuracy(source, mixed):.3f}")
+    print(f"{source:16s} statistics, batches of 50: {accuracy(source, mixed):.3f}")
 print(f"batch statistics, single-class batches: {accuracy('batch', homogeneous):.3f}")
