@@ -233,7 +233,11 @@ class CifarTask:
         self, evaluator: calibrate.Evaluator, state: TrainState, workdir: pathlib.Path
     ) -> dict[str, Any]:
         plot_curves(workdir / "metrics.jsonl", workdir / "curves.png")
-        return {"norm": self.config.norm, "model": self.config.model}
+        return {
+            "norm": self.config.norm,
+            "model": self.config.model,
+            **common.mix_summary(state.params),
+        }
 
 
 def train(

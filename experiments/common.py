@@ -8,10 +8,12 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
+from normjax import nn as norms
 from normjax import registry
 
 
@@ -113,3 +115,13 @@ def run_with_flags(
         run(config.value, workdir.value)
 
     app.run(main)
+
+
+def mix_summary(params: Any) -> dict[str, Any]:
+    """``{'mix_weight': {layer: mean sigmoid(mix_logit)}}`` for a model with
+    learned mix norms (how much of its own statistics each layer uses; 1 = per
+    sample, 0 = population), else ``{}``."""
+    weights = norms.mix_weights(params)
+    if not weights:
+        return {}
+    return {"mix_weight": {k: float(jnp.mean(v)) for k, v in sorted(weights.items())}}

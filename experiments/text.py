@@ -309,6 +309,7 @@ class TextTask:
         print(f"--- sample ({self.config.sample_tokens} tokens) ---\n{sample}\n---")
         return {
             "val_loss_by_position": getattr(self, "loss_by_position", {}),
+            **common.mix_summary(state.params),
             "norm": self.config.norm,
             "tokenizer": self.config.tokenizer,
             "vocab_size": self.tokenizer.vocab_size,

@@ -371,6 +371,10 @@ def test_a_tiny_cnn_trains_at_batch_size_1_and_evaluates_sample_by_sample(norm):
         layer = next(v for v in stats.values() if "u" in v)
         assert float(jnp.abs(layer["u"]).max()) > 0
         assert float(jnp.abs(layer["v"]).max()) > 0
+    if norm == "mix":  # the learned weight of the sample's own statistics
+        (weights,) = normjax.nn.mix_weights(params).values()
+        assert weights.shape == (8,) and np.all((weights > 0) & (weights < 1))
+        assert float(jnp.abs(weights - 0.5).max()) > 1e-3  # it learned
     variables = {"params": params, "batch_stats": stats}
     together = model.apply(variables, images[:8], train=False)
     alone = np.concatenate(

@@ -44,7 +44,13 @@ from normjax.nn.per_sample import (
     LayerNorm,
     RMSNorm,
 )
-from normjax.nn.population import BatchGroupNorm, MixNorm, OnlineNorm, PopulationNorm
+from normjax.nn.population import (
+    BatchGroupNorm,
+    MixNorm,
+    OnlineNorm,
+    PopulationNorm,
+    mix_weights,
+)
 
 __all__ = [
     "STATISTICS_SOURCES",
@@ -65,5 +71,6 @@ __all__ = [
     "RMSNorm",
     "current_example_weight",
     "current_source",
+    "mix_weights",
     "statistics_source",
 ]

@@ -169,6 +169,27 @@ class MixNorm(BatchStatistics):
         )
 
 
+def mix_weights(params: Any) -> dict[str, Array]:
+    """The weight each ``MixNorm`` layer of a params tree gives the sample's own
+    statistics, ``sigmoid(mix_logit)`` per feature, by layer path ('a/b/c');
+    layers with a fixed ``alpha`` hold no ``mix_logit`` and are absent. How
+    much of the population prior a trained network chose: 1 = per sample, 0 =
+    population."""
+    out: dict[str, Array] = {}
+
+    def walk(node: Any, path: tuple[str, ...]) -> None:
+        if not hasattr(node, "items"):
+            return
+        for key, value in node.items():
+            if key == "mix_logit" and not hasattr(value, "items"):
+                out["/".join(path)] = jax.nn.sigmoid(jnp.asarray(value, jnp.float32))
+            else:
+                walk(value, (*path, key))
+
+    walk(params, ())
+    return out
+
+
 class BatchGroupNorm(BatchStatistics):
     """Batch group norm (Zhou et al. 2020) — see ``functional.batch_group_norm``:
     batch statistics over (batch, space, a group of channels).
