@@ -381,3 +381,47 @@ def test_a_tiny_cnn_trains_at_batch_size_1_and_evaluates_sample_by_sample(norm):
         [model.apply(variables, images[i : i + 1], train=False) for i in range(8)]
     )
     np.testing.assert_allclose(together, alone, rtol=1e-5, atol=1e-5)
+
+
+def test_mix_norm_hand_derived_backward_matches_autodiff_of_its_formula_with_masks():
+    rng = np.random.default_rng(64)
+    with jax.enable_x64(True):
+        x = jnp.asarray(rng.normal(1.0, 2.0, size=(4, 3, 3, 5)))
+        mask = jnp.asarray(rng.random((4, 3, 3, 1)) < 0.6).at[:, 0, 0].set(True)
+        mask = mask.at[3].set(False)  # a sample with nothing valid
+        params = {
+            "scale": jnp.asarray(rng.uniform(0.5, 2, 5)),
+            "bias": jnp.asarray(rng.normal(size=5)),
+            "mix_logit": jnp.asarray(rng.normal(size=5)),
+        }
+        pop = {
+            "mean": jnp.asarray(rng.normal(size=5)),
+            "var": jnp.asarray(rng.uniform(0.5, 2, 5)),
+        }
+        cot = jnp.asarray(rng.normal(size=x.shape))
+
+        def plain(x, params):
+            w = jnp.broadcast_to(mask, x.shape)
+            n = jnp.maximum(w.sum((1, 2), keepdims=True), 1)
+            xs = jnp.where(w, x, 0.0)
+            mu = xs.sum((1, 2), keepdims=True) / n
+            var = (jnp.where(w, xs - mu, 0.0) ** 2).sum((1, 2), keepdims=True) / n
+            a = jax.nn.sigmoid(params["mix_logit"])
+            d = mu - pop["mean"]
+            m = pop["mean"] + a * d
+            v = a * var + (1 - a) * pop["var"] + a * (1 - a) * d**2
+            y = jnp.where(w, (xs - m) / jnp.sqrt(v + EPS), 0.0)
+            return y * params["scale"] + params["bias"]
+
+        def fused(x, params):
+            return F.mix_norm(x, params, pop, train=True, mask=mask).y
+
+        y_plain, vjp_plain = jax.vjp(plain, x, params)
+        y_fused, vjp_fused = jax.vjp(fused, x, params)
+        np.testing.assert_allclose(y_fused, y_plain, rtol=1e-10, atol=1e-12)
+        for got, want in zip(
+            jax.tree.leaves(vjp_fused(cot)),
+            jax.tree.leaves(vjp_plain(cot)),
+            strict=True,
+        ):
+            np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-11)

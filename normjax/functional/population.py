@@ -6,6 +6,7 @@ Flax import."""
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -178,6 +179,76 @@ def population_norm(
     return Normalized(y, {**new_stats, "steps": steps + 1}, moments)
 
 
+def _mix_forward(
+    x: Array,
+    a: Array,
+    pm: Array,
+    pv: Array,
+    valid: Array,
+    epsilon: float,
+    axes: tuple[int, ...],
+) -> tuple[Array, tuple[Array, ...]]:
+    n = jnp.sum(valid, axes, keepdims=True).astype(x.dtype)
+    mu = stats.safe_div(jnp.sum(jnp.where(valid, x, 0.0), axes, keepdims=True), n)
+    d = jnp.where(valid, x - mu, 0.0)
+    var_s = stats.safe_div(jnp.sum(d * d, axes, keepdims=True), n)
+    delta = mu - pm
+    v = a * var_s + (1 - a) * pv + a * (1 - a) * delta * delta
+    r = jax.lax.rsqrt(v + epsilon)
+    y = jnp.where(valid, (d + (1 - a) * delta) * r, 0.0)  # x - m = d + (1-a) delta
+    return y, (y, r, a, n, delta, var_s, pv, valid)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _mix_standardize(
+    x: Array,
+    a: Array,
+    pm: Array,
+    pv: Array,
+    valid: Array,
+    epsilon: float,
+    axes: tuple[int, ...],
+) -> Array:
+    """``(x - m) / sqrt(v + eps)`` with the mixture's mean m and variance v of
+    the sample's statistics over ``axes`` (per slot; the features are not among
+    them) and the population's ``pm``, ``pv`` with weight ``a``; zero where not
+    ``valid``. Hand-derived backward: with g the cotangent, y the output,
+    r = (v + eps)^-1/2 and sums over the sample's valid elements,
+    dx = r (g - a/n (sum g + y sum g y)); no gradient to ``pm``, ``pv``."""
+    return _mix_forward(x, a, pm, pv, valid, epsilon, axes)[0]
+
+
+def _mix_standardize_fwd(
+    x: Array,
+    a: Array,
+    pm: Array,
+    pv: Array,
+    valid: Array,
+    epsilon: float,
+    axes: tuple[int, ...],
+) -> tuple[Array, tuple[Array, ...]]:
+    return _mix_forward(x, a, pm, pv, valid, epsilon, axes)
+
+
+def _mix_standardize_bwd(
+    epsilon: float, axes: tuple[int, ...], res: tuple[Array, ...], g: Array
+) -> tuple[Any, ...]:
+    y, r, a, n, delta, var_s, pv, valid = res
+    g = jnp.where(valid, g, 0.0).astype(y.dtype)
+    sg = jnp.sum(g, axes, keepdims=True)
+    sgy = jnp.sum(g * y, axes, keepdims=True)
+    dx = jnp.where(valid, r * (g - stats.safe_div(a, n) * (sg + sgy * y)), 0.0)
+    dm, dv = -r * sg, -0.5 * r * r * sgy
+    da = dm * delta + dv * (var_s - pv + (1 - 2 * a) * delta * delta)
+    summed = tuple(i for i, size in enumerate(a.shape) if size == 1 and da.shape[i] > 1)
+    da = jnp.sum(da, summed, keepdims=True)
+    # the population statistics (same shape as pv) get no gradient
+    return dx, da, jnp.zeros_like(pv), jnp.zeros_like(pv), None
+
+
+_mix_standardize.defvjp(_mix_standardize_fwd, _mix_standardize_bwd)
+
+
 def mix_norm(
     x: Array,
     params: Params | None = None,
@@ -259,9 +330,6 @@ def mix_norm(
         if time in sample_axes:
             cumulative = time
     mask = broadcast_mask(mask, x)
-    sample = stats.mean_var(
-        stats.moments(x, sample_axes, mask=mask, cumulative_axis=cumulative)
-    )
     if alpha is not None:
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"{name}: alpha must lie in [0, 1], got {alpha}.")
@@ -279,12 +347,29 @@ def mix_norm(
             )
         a = jax.nn.sigmoid(logit.astype(stats.stat_dtype(logit.dtype)))
         a = a.reshape(broadcast)
-    delta = sample.mean - population.mean
-    mixed = MeanVar(
-        population.mean + a * delta,
-        a * sample.var + (1 - a) * population.var + a * (1 - a) * stats.abs2(delta),
-    )
-    y = standardize(x, mixed, epsilon, mask)
+    if cumulative is None and not set(sample_axes) & set(feature_axes):
+        # The common case (per channel over space): one fused pass each way.
+        dt = stats.stat_dtype(x.dtype)
+        valid = jnp.ones(x.shape, bool) if mask is None else mask
+        y = _mix_standardize(
+            x.astype(dt),
+            jnp.broadcast_to(jnp.asarray(a, dt), broadcast),
+            population.mean.astype(dt),
+            population.var.astype(dt),
+            valid,
+            epsilon,
+            sample_axes,
+        )
+    else:
+        sample = stats.mean_var(
+            stats.moments(x, sample_axes, mask=mask, cumulative_axis=cumulative)
+        )
+        delta = sample.mean - population.mean
+        mixed = MeanVar(
+            population.mean + a * delta,
+            a * sample.var + (1 - a) * population.var + a * (1 - a) * stats.abs2(delta),
+        )
+        y = standardize(x, mixed, epsilon, mask)
     y = cast_output(affine(y, params, feature_axes, name=name), x, dtype)
     if not train:
         return Normalized(y, batch_stats, {})
