@@ -142,6 +142,16 @@ def test_a_checkpoint_of_another_model_is_a_clear_error(tmp_path):
         )
 
 
+def test_a_diverging_run_stops_with_a_clear_error(tmp_path):
+    with pytest.raises(FloatingPointError, match="training diverged.*learning rate"):
+        train.train_and_evaluate(
+            config(learning_rate=1e30), tmp_path, Net(), SyntheticTask(config())
+        )
+    records = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert "NaN" in records[-1] or "Infinity" in records[-1]
+    assert not (tmp_path / "summary.json").exists()
+
+
 def test_resume_differences_flatten_nested_keys():
     saved = {"norm": "batch", "norm_kwargs": {}, "log_every": 5, "cifar": {"lr": 1}}
     now = {"norm": "batch", "norm_kwargs": {"momentum": 0.9}, "log_every": 9}

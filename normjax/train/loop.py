@@ -290,6 +290,15 @@ def train_and_evaluate(
                 if timer_start is None:
                     timer_start = time.time()
                 log.write(done, "train", examples_per_second=rate(), **means)
+                if not math.isfinite(means["loss"]):
+                    raise FloatingPointError(
+                        f"training diverged: the mean loss of the steps up to {done} "
+                        f"is {means['loss']} (norm {config.get('norm', '?')!r}, "
+                        f"learning rate {config.get('learning_rate', '?')}); see "
+                        f"{log.path}. Lower the learning rate or change the norm, "
+                        "in a new --workdir (the latest checkpoint here may hold "
+                        "the diverged state)."
+                    )
                 bar.set_postfix(loss=f"{means['loss']:.3f}", ex_s=f"{rate():.0f}")
             bar.update(1)
             paused = time.time()
