@@ -41,3 +41,18 @@ def test_a_misspelt_key_is_a_usage_error_naming_the_right_one():
     assert done.returncode != 0
     assert "has no key 'learning_rat'" in done.stderr
     assert "Did you mean learning_rate?" in done.stderr
+
+
+def test_mix_summary_reports_each_mix_layers_mean_weight():
+    import jax
+    import jax.numpy as jnp
+
+    from experiments import common
+    from normjax.models import FastCNN
+
+    model = FastCNN(widths=(4, 8, 8), norm="mix")
+    variables = model.init(jax.random.key(0), jnp.zeros((2, 32, 32, 3)), train=False)
+    summary = common.mix_summary(variables["params"])
+    assert set(summary) == {"mix_weight"} and len(summary["mix_weight"]) == 3
+    assert all(w == 0.5 for w in summary["mix_weight"].values())  # sigmoid(0)
+    assert common.mix_summary({"dense": {"kernel": jnp.ones(3)}}) == {}
