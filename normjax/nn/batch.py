@@ -20,15 +20,12 @@ from normjax.nn.common import (
     current_example_weight,
     current_source,
     feature_shape_of,
+    stat_shape,
 )
 
 Array = jax.Array
 zeros = nn.initializers.zeros
 ones = nn.initializers.ones
-
-
-def _stat_shape(rows: int | None, feature_shape: tuple[int, ...]) -> tuple[int, ...]:
-    return feature_shape if rows is None else (rows, *feature_shape)
 
 
 class BatchNorm(BatchStatistics):
@@ -78,7 +75,7 @@ class BatchNorm(BatchStatistics):
         mask: Array | None = None,
     ) -> Array:
         feature_shape = feature_shape_of(x, self.axis, "BatchNorm axis")
-        shape = _stat_shape(self._position_rows(x), feature_shape)
+        shape = stat_shape(self._position_rows(x), feature_shape)
         running = self._running(
             {"mean": (shape, jnp.zeros), "var": (shape, jnp.ones)},
             mean_dtype=stats.stat_dtype(x.dtype)
@@ -170,7 +167,7 @@ class BatchRenorm(BatchStatistics):
         mask: Array | None = None,
     ) -> Array:
         feature_shape = feature_shape_of(x, self.axis, "BatchRenorm axis")
-        shape = _stat_shape(self._position_rows(x), feature_shape)
+        shape = stat_shape(self._position_rows(x), feature_shape)
         running = self._running({"mean": (shape, jnp.zeros), "var": (shape, jnp.ones)})
         r_max: float | Array = self.r_max
         d_max: float | Array = self.d_max
@@ -242,13 +239,13 @@ class BatchLayerNorm(BatchStatistics):
     ) -> Array:
         feature_shape = feature_shape_of(x, self.axis, "BatchLayerNorm axis")
         rows = self._position_rows(x)
-        shape = _stat_shape(rows, feature_shape)
+        shape = stat_shape(rows, feature_shape)
         running = self._running(
             {
                 "mean": (shape, jnp.zeros),
                 "var": (shape, jnp.ones),
-                "feature_mean": (_stat_shape(rows, ()), jnp.zeros),
-                "feature_var": (_stat_shape(rows, ()), jnp.ones),
+                "feature_mean": (stat_shape(rows, ()), jnp.zeros),
+                "feature_var": (stat_shape(rows, ()), jnp.ones),
             }
         )
         # The training batch's B, which evaluation mixes with; variables made

@@ -100,6 +100,12 @@ def affine_params(module: nn.Module, feature_shape: tuple[int, ...]) -> dict:
     return params
 
 
+def stat_shape(rows: int | None, feature_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape of a running statistic: ``feature_shape``, or per position
+    ``(rows, *feature_shape)`` (``rows`` from ``BatchStatistics._position_rows``)."""
+    return feature_shape if rows is None else (rows, *feature_shape)
+
+
 def feature_shape_of(x: Array, feature_axes: Axes, name: str) -> tuple[int, ...]:
     """The shape of ``x``'s ``feature_axes``."""
     axes = stats.canonicalize_axes(x.ndim, feature_axes, name=name)

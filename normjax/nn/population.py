@@ -20,15 +20,12 @@ from normjax.nn.common import (
     current_example_weight,
     current_source,
     feature_shape_of,
+    stat_shape,
 )
 
 Array = jax.Array
 zeros = nn.initializers.zeros
 ones = nn.initializers.ones
-
-
-def _stat_shape(rows: int | None, feature_shape: tuple[int, ...]) -> tuple[int, ...]:
-    return feature_shape if rows is None else (rows, *feature_shape)
 
 
 class PopulationNorm(BatchStatistics):
@@ -69,7 +66,7 @@ class PopulationNorm(BatchStatistics):
         mask: Array | None = None,
     ) -> Array:
         feature_shape = feature_shape_of(x, self.axis, "PopulationNorm axis")
-        shape = _stat_shape(self._position_rows(x), feature_shape)
+        shape = stat_shape(self._position_rows(x), feature_shape)
         running = self._running({"mean": (shape, jnp.zeros), "var": (shape, jnp.ones)})
         running["steps"] = self.variable(
             "batch_stats", "steps", jnp.zeros, (), jnp.int32
@@ -141,7 +138,7 @@ class MixNorm(BatchStatistics):
         mask: Array | None = None,
     ) -> Array:
         feature_shape = feature_shape_of(x, self.axis, "MixNorm axis")
-        shape = _stat_shape(self._position_rows(x), feature_shape)
+        shape = stat_shape(self._position_rows(x), feature_shape)
         running = self._running({"mean": (shape, jnp.zeros), "var": (shape, jnp.ones)})
         params = affine_params(self, feature_shape)
         if self.alpha is None:
@@ -232,7 +229,7 @@ class BatchGroupNorm(BatchStatistics):
                 "(pass num_groups=None to use group_size)."
             )
         groups = self.num_groups or channels // (self.group_size or 1)
-        shape = _stat_shape(self._position_rows(x), (groups,))
+        shape = stat_shape(self._position_rows(x), (groups,))
         running = self._running({"mean": (shape, jnp.zeros), "var": (shape, jnp.ones)})
         return self._apply(
             F.batch_group_norm,
