@@ -68,6 +68,7 @@ RESEARCH: tuple[str, ...] = (
     "mix",
     "batch_group",
     "online",
+    "reference",
 )
 ALL_LAYERS: tuple[str, ...] = (*LAYERS, *RESEARCH)
 
@@ -353,6 +354,8 @@ def bench_case(
             groups = {"num_groups": math.gcd(DEFAULT_GROUPS, x.shape[-1])}
         if key == "population":  # its population phase, not the batch-norm warm-up
             groups = {"warmup_steps": 0}
+        if key == "reference":  # the norm alone: x's first 32 rows are R
+            groups = {"reference_size": min(32, x.shape[0])}
         new_mod = normjax.make_norm(key, **kwargs, **groups)
         label = f"{key} (vs BN)"
     else:

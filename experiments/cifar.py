@@ -23,6 +23,7 @@ import optax
 
 from experiments import common
 from normjax import calibrate, models, registry
+from normjax import nn as norms
 from normjax.data import augment, cifar, samplers
 from normjax.train import TrainState, train_and_evaluate
 from normjax.train.plots import plot_curves
@@ -84,7 +85,11 @@ def build_model(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
         raise ValueError(
             f"unknown model {config.model!r}; use one of {', '.join(builders)}."
         )
-    return builders[config.model]()
+    model, prepare = builders[config.model]()
+    if registry.needs_reference(config.norm):
+        # R: the first reference_size of the training images init is given.
+        model = norms.WithReference(model, reference_size=config.reference_size)
+    return model, prepare
 
 
 @functools.lru_cache(maxsize=2)

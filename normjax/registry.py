@@ -25,6 +25,7 @@ class Statistics(enum.StrEnum):
     RUNNING = "running"  # running averages, in training too
     PER_SAMPLE = "per sample"  # the sample's own
     PER_SAMPLE_PRIOR = "per sample + population"  # the sample's, plus a prior
+    REFERENCE = "reference batch + sample"  # a fixed reference batch's and its own
     NONE = "none"  # no statistics
     CUSTOM = "custom"  # a norm registered without saying
 
@@ -116,6 +117,14 @@ _REGISTRY: dict[str, Entry] = {
         "batch statistics over (batch, space, a group of channels) (Zhou et al. "
         "2020; separates pooling over the batch from per-channel)",
     ),
+    "reference": Entry(
+        norms.ReferenceNorm,
+        {},
+        Statistics.REFERENCE,
+        "each sample by the statistics of a fixed reference batch of training "
+        "inputs plus itself, R run through the current weights (Salimans et al. "
+        "2016; the model wrapped in nn.WithReference)",
+    ),
     "layer": Entry(norms.LayerNorm, {}, Statistics.PER_SAMPLE, "over the features"),
     "rms": Entry(
         norms.RMSNorm,
@@ -205,6 +214,13 @@ def entry(name: str) -> Entry:
             f"unknown norm {name!r}; valid names are: {', '.join(_REGISTRY)}."
         )
     return _REGISTRY[name]
+
+
+def needs_reference(norm: str) -> bool:
+    """Whether the norm named ``norm`` reads a reference batch: its model must
+    be wrapped in :class:`normjax.nn.WithReference`."""
+    module = entry(norm).module
+    return isinstance(module, type) and issubclass(module, norms.ReferenceNorm)
 
 
 def causal_modes(norm: str) -> tuple[str, ...]:

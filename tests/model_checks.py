@@ -26,7 +26,16 @@ def norm_shapes(name, channels, x_shape):
     """Variables of the norm alone, as the registry builds it."""
     norm = normjax.make_norm(name)
     x = jnp.zeros((*x_shape[:-1], channels))
-    return jax.eval_shape(lambda x: norm.init(KEY, x, use_running_average=False), x)
+    with normjax.nn.reference_batch(1):  # read by 'reference' only
+        return jax.eval_shape(lambda x: norm.init(KEY, x, use_running_average=False), x)
+
+
+def with_reference(model, name):
+    """``model`` wrapped in ``nn.WithReference`` (R: the first init image) when
+    the norm ``name`` reads a reference batch."""
+    if normjax.registry.needs_reference(name):
+        return normjax.nn.WithReference(model, reference_size=1)
+    return model
 
 
 def subtree(variables, path):

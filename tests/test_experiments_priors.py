@@ -230,3 +230,37 @@ def test_paired_differences_with_their_95_percent_interval():
     assert "no difference" in report.difference_cell(noisy)
     assert report.paired_difference(a, {}, "x") is None
     assert report.difference_cell(None) == "—"
+
+
+def test_a_study_restores_finished_text_runs_from_earlier_results(tmp_path):
+    config = configs.get_config("smoke")
+    config.parts = ""  # nothing runs: the tables are rebuilt from what is on disk
+    record = {
+        "val_bits_per_byte": 2.5,
+        "val_bits_per_byte_precise": 2.4,
+        "val_bits_per_byte_batch": 2.45,
+        "val_loss_by_position": {"running": {"0-7": 1.9}},
+    }
+    key = priors_text.text_key("tokenizer", "layer", "byte", {})
+    previous = tmp_path / "old.json"
+    previous.write_text(
+        json.dumps(
+            {
+                "config": json.loads(config.to_json_best_effort()),
+                "text": {key: {"0": record}},
+            }
+        )
+    )
+    config.restore_from = str(previous)
+    out = priors.run_study(config, str(tmp_path / "study"))
+    assert out["text"] == {key: {0: record}}
+    assert out["header"]["finished_runs"]["text"].startswith("1/")
+    summary = tmp_path / "study" / "runs" / "text_layer_byte_s0" / "summary.json"
+    assert json.loads(summary.read_text())["restored_from"] == str(previous)
+    # runs trained with another text configuration are refused, by field
+    config.text.num_steps += 1
+    with pytest.raises(ValueError, match="differs in num_steps"):
+        priors.run_study(config, str(tmp_path / "other"))
+    config.restore_from = str(tmp_path / "missing.json")
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        priors.run_study(config, str(tmp_path / "other"))

@@ -13,6 +13,7 @@ from model_checks import (
     check_padding_gets_no_weight,
     init_shapes,
     shapes,
+    with_reference,
 )
 
 import normjax
@@ -25,7 +26,7 @@ from normjax.models import (
 
 @pytest.mark.parametrize("name", normjax.names())
 def test_fastcnn_variables_per_norm(name):
-    model = FastCNN(widths=(8, 16, 16), num_classes=5, norm=name)
+    model = with_reference(FastCNN(widths=(8, 16, 16), num_classes=5, norm=name), name)
     variables = init_shapes(model)
     assert shapes(variables["constants"]) == {
         "whiten": {"kernel": (2, 2, 3, 24), "bias": (24,)}

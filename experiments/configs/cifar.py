@@ -34,6 +34,9 @@ def base() -> ml_collections.ConfigDict:
     # one of these asks for ghost batches of a given size, or per-device batches.
     config.ghost_batch_size = ml_collections.FieldReference(None, field_type=int)
     config.per_device_batch_stats = False
+    # Norms that read a reference batch ('reference'): the model is wrapped in
+    # normjax.nn.WithReference with the first this-many training images as R.
+    config.reference_size = 32
     config.model = "fast_cnn"
     config.widths = (32, 64, 128)
     config.depth = 20

@@ -26,6 +26,10 @@ def base() -> ml_collections.ConfigDict:
     config.seeds = (0, 1, 2)
     # Which parts to run now (the others are reported from what is on disk).
     config.parts = ",".join(PARTS)
+    # A results.json of this study (e.g. the committed one): its finished text
+    # runs are restored into the workdir instead of being run again, provided
+    # it was made with the same text configuration (checked; refused if not).
+    config.restore_from = ml_collections.FieldReference(None, field_type=str)
 
     # 1. Statistics-source probe on CIFAR-10: one model per norm and seed.
     config.probe_norms = (

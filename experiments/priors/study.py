@@ -22,7 +22,14 @@ from experiments.priors.runs import (
     seeds_of,
     write_json,
 )
-from experiments.priors.text import text_jobs, text_key, text_record, text_run
+from experiments.priors.text import (
+    restorable_text,
+    restore_text_run,
+    text_jobs,
+    text_key,
+    text_record,
+    text_run,
+)
 from normjax import registry
 
 
@@ -80,6 +87,9 @@ def run_study(
                         record
                     )
     # 5. The longest runs (the context sweep) last.
+    restored = (
+        restorable_text(config, config.restore_from) if config.restore_from else {}
+    )
     for kind, variant, tokenizer, extra in text_jobs(config):
         # A context length or batch size equal to the text preset's is the
         # tokenizer comparison's run: reuse it.
@@ -87,6 +97,10 @@ def run_study(
         extra_run = {k: v for k, v in extra.items() if k not in same}
         for seed in seeds:
             run_dir = study.text_dir(variant, tokenizer, seed, **extra_run)
+            key = text_key(kind, variant, tokenizer, extra)
+            record = restored.get(key, {}).get(str(seed))
+            if record is not None:
+                restore_text_run(run_dir / "summary.json", record, config.restore_from)
             summary = run_or_read(
                 run_dir / "summary.json",
                 "text" in parts,
@@ -99,7 +113,6 @@ def run_study(
             )
             text_runs[run_dir] = bool(summary)
             if summary:
-                key = text_key(kind, variant, tokenizer, extra)
                 results["text"].setdefault(key, {})[seed] = text_record(summary)
     probe_done = sum(map(len, results["probe"].values()))
     sweep_done = sum(len(r) for n in results["sweep"].values() for r in n.values())

@@ -4,12 +4,13 @@ evaluation normalizes as training did."""
 from __future__ import annotations
 
 import json
+import pathlib
 from typing import Any
 
 import ml_collections
 
 from experiments import text as text_experiment
-from experiments.priors.runs import Study, read_json
+from experiments.priors.runs import Study, read_json, write_json
 from normjax import registry
 
 HEADLINE_TEXT_NORMS = ("batch", "layer", "prior")
@@ -104,6 +105,41 @@ def text_jobs(
 
     jobs += sorted(context, key=tokens_per_step)  # stable: shorter L first
     return jobs
+
+
+def restorable_text(
+    config: ml_collections.ConfigDict, path: str
+) -> dict[str, dict[str, Any]]:
+    """The text records of the study results at ``path`` (key -> seed -> record),
+    after checking they come from the same text configuration as ``config``:
+    restoring runs trained otherwise would mix two studies in one table."""
+    previous = read_json(pathlib.Path(path))
+    if previous is None:
+        raise FileNotFoundError(
+            f"restore_from={path!r}: no such file; give the results.json of an "
+            "earlier run of this study, or leave restore_from unset."
+        )
+    old = previous.get("config", {}).get("text", {})
+    new = json.loads(config.text.to_json_best_effort())
+    differ = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    if differ:
+        raise ValueError(
+            f"restore_from={path!r} was made with another text configuration "
+            f"(differs in {', '.join(differ)}); its runs cannot stand for this "
+            "study's. Use the same preset, or leave restore_from unset."
+        )
+    return previous.get("text", {})
+
+
+def restore_text_run(
+    summary_path: pathlib.Path, record: dict[str, Any], source: str
+) -> None:
+    """Writes a finished run's record (from an earlier results.json) as its
+    summary, marked with where it came from; an existing summary is kept."""
+    if summary_path.exists():
+        return
+    summary_path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(summary_path, {**record, "restored_from": source})
 
 
 def text_record(summary: dict[str, Any]) -> dict[str, Any]:

@@ -25,7 +25,8 @@ fused ``normalize``), :mod:`~normjax.functional.causal` (causal modes),
 :mod:`~normjax.functional.renorm`, :mod:`~normjax.functional.bln`,
 :mod:`~normjax.functional.prior`, :mod:`~normjax.functional.power` and
 :mod:`~normjax.functional.population` (population, mix and batch group norm),
-:mod:`~normjax.functional.online` (Online Normalization).
+:mod:`~normjax.functional.online` (Online Normalization) and
+:mod:`~normjax.functional.reference` (reference batch norm).
 """
 
 from normjax.functional import power
@@ -67,6 +68,7 @@ from normjax.functional.population import (
 )
 from normjax.functional.power import apply_nu_updates, power_norm
 from normjax.functional.prior import prior_norm
+from normjax.functional.reference import reference_norm
 from normjax.functional.renorm import batch_renorm, renorm_limits
 
 __all__ = [
@@ -103,6 +105,7 @@ __all__ = [
     "power",
     "power_norm",
     "prior_norm",
+    "reference_norm",
     "renorm_limits",
     "rms_norm",
     "running_mean_var",

@@ -51,6 +51,12 @@ from normjax.nn.population import (
     PopulationNorm,
     mix_weights,
 )
+from normjax.nn.reference import (
+    ReferenceNorm,
+    WithReference,
+    current_reference_size,
+    reference_batch,
+)
 
 __all__ = [
     "STATISTICS_SOURCES",
@@ -69,8 +75,12 @@ __all__ = [
     "PowerNorm",
     "PriorNorm",
     "RMSNorm",
+    "ReferenceNorm",
+    "WithReference",
     "current_example_weight",
+    "current_reference_size",
     "current_source",
     "mix_weights",
+    "reference_batch",
     "statistics_source",
 ]
