@@ -9,7 +9,7 @@ import textwrap
 import numpy as np
 import pytest
 import tfds_data
-from run_metrics import train_rows
+from run_metrics import jsonl_scalars, tensorboard_scalars, train_rows
 
 from experiments import cifar as experiment
 from experiments.configs import cifar as configs
@@ -55,6 +55,15 @@ def test_tiny_run_writes_every_artifact_and_resumes_identically(tmp_path, monkey
     resumed = experiment.run(tiny(), str(tmp_path / "killed"))
     assert train_rows(tmp_path / "killed") == train_rows(whole)
     assert resumed["test_accuracy"] == summary["test_accuracy"]
+    # Live curves: TensorBoard scalars equal metrics.jsonl, after a resume too.
+    for run in (whole, tmp_path / "killed"):
+        events, expected = tensorboard_scalars(run / "tensorboard"), jsonl_scalars(run)
+        assert events.keys() == expected.keys() and "train/loss" in {
+            k for k, _ in events
+        }
+        np.testing.assert_allclose(
+            [events[k] for k in expected], list(expected.values()), rtol=1e-6
+        )
 
     # A changed configuration is refused, naming what differs; the files stay.
     before = {p.name: p.read_bytes() for p in whole.iterdir() if p.is_file()}

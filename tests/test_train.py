@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from run_metrics import jsonl_scalars, tensorboard_scalars
 from synthetic_task import Net, SyntheticTask, config
 
 from normjax import train
@@ -196,7 +197,8 @@ _DEVICES_SCRIPT = textwrap.dedent(
     """
     import json, sys, jax, numpy as np
     sys.path.insert(0, {tests!r})
-    from synthetic_task import Net, SyntheticTask, config
+    from run_metrics import jsonl_scalars, tensorboard_scalars
+from synthetic_task import Net, SyntheticTask, config
     from normjax import train
     c = config(batch_size=16, num_steps=4, eval_every=0)
     summary = train.train_and_evaluate(c, sys.argv[1], Net(), SyntheticTask(c))
@@ -229,3 +231,23 @@ def test_eight_simulated_devices_match_one_device(tmp_path):
     # Global-batch statistics: the same numbers up to float32 reduction order.
     np.testing.assert_allclose(eight, one, rtol=1e-5, atol=1e-6)
     assert jnp.isfinite(jnp.asarray(one)).all()
+
+
+def test_metrics_mirror_into_tensorboard_and_a_resume_rewrites_the_curves(tmp_path):
+    log = train.MetricsLog(tmp_path, tensorboard=True)
+    for step in (1, 2, 3):
+        log.write(step, "train", loss=1.0 / step, note="text", flag=True)
+    log.write(3, "test", accuracy=0.5)
+    log.truncate_after(2)  # a resume from step 2: step 3 is gone everywhere
+    log.write(3, "train", loss=0.25)
+    log.close()
+    events = tensorboard_scalars(tmp_path / "tensorboard")
+    assert events == {
+        ("train/loss", 1): 1.0,
+        ("train/loss", 2): 0.5,
+        ("train/loss", 3): 0.25,
+    }
+    assert events == jsonl_scalars(tmp_path)
+    quiet = tmp_path / "quiet"
+    train.MetricsLog(quiet).write(1, "train", loss=1.0)
+    assert not (quiet / "tensorboard").exists()

@@ -73,6 +73,9 @@ def base() -> ml_collections.ConfigDict:
     config.eval_sources = ("running", "batch")
     config.flip_test = True
     config.progress = True
+    # TensorBoard event files in WORKDIR/tensorboard, beside metrics.jsonl
+    # (live curves: tensorboard --logdir runs/).
+    config.tensorboard = True
     # A workdir holding a run with another configuration: 'auto' refuses it,
     # 'force' continues it anyway.
     config.resume = "auto"

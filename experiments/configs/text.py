@@ -78,6 +78,9 @@ def base() -> ml_collections.ConfigDict:
     config.sample_tokens = 300
     config.sample_temperature = 0.8
     config.progress = True
+    # TensorBoard event files in WORKDIR/tensorboard, beside metrics.jsonl
+    # (live curves: tensorboard --logdir runs/).
+    config.tensorboard = True
     # A workdir holding a run with another configuration: 'auto' refuses it,
     # 'force' continues it anyway.
     config.resume = "auto"

@@ -12,6 +12,7 @@ import ml_collections
 from experiments import text as text_experiment
 from experiments.priors.runs import Study, read_json, write_json
 from normjax import registry
+from normjax.train.resume import differences
 
 HEADLINE_TEXT_NORMS = ("batch", "layer", "prior")
 
@@ -121,7 +122,7 @@ def restorable_text(
         )
     old = previous.get("config", {}).get("text", {})
     new = json.loads(config.text.to_json_best_effort())
-    differ = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    differ = sorted(differences(old, new))  # what logging and paths change not
     if differ:
         raise ValueError(
             f"restore_from={path!r} was made with another text configuration "

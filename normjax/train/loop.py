@@ -213,7 +213,7 @@ def train_and_evaluate(
         prepare_variables=task.prepare_variables,
         train=False,
     )
-    log = MetricsLog(workdir)
+    log = MetricsLog(workdir, tensorboard=config.get("tensorboard", False))
     checkpointer = Checkpointer(
         workdir,
         every=config.get("checkpoint_every", 1000),
@@ -313,7 +313,9 @@ def train_and_evaluate(
     finally:  # an interrupted run still completes the checkpoints it started.
         bar.close()
         checkpointer.close()
+        log.close()
     last_eval = log.write(total_steps, "test", **task.evaluate(evaluator, state))
+    log.close()
     extra = task.finalize(evaluator, state, workdir)
     summary = {
         "final_step": total_steps,

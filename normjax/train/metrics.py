@@ -1,4 +1,5 @@
-"""Metrics as JSON lines, and a progress bar."""
+"""Metrics as JSON lines (the source of truth, read on resume), mirrored into
+TensorBoard event files for live curves, and a progress bar."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 import math
 import os
 import pathlib
+import shutil
 from typing import Any
 
 import jax
@@ -23,14 +25,50 @@ def _plain(value: Any) -> Any:
 class MetricsLog:
     """Appends ``{"step", "split", ...metrics}`` objects to ``WORKDIR/metrics.jsonl``.
 
+    With ``tensorboard`` every numeric metric is also written as a TensorBoard
+    scalar ``split/name`` at its step into ``WORKDIR/tensorboard/`` (through
+    tensorboardX: neither TensorFlow nor PyTorch needed), flushed at once, so
+    ``tensorboard --logdir runs/`` shows a run's curves while it trains.
+
     On resume from a checkpoint at step s, ``truncate_after(s)`` drops the lines
-    logged after s by the interrupted run, so the file reads as one run. With
-    several processes (hosts) only process 0 writes; every process may read.
+    logged after s by the interrupted run, so the file reads as one run; the
+    event files are then rewritten from the kept lines, so the curves always
+    equal ``metrics.jsonl``. With several processes (hosts) only process 0
+    writes; every process may read.
     """
 
-    def __init__(self, workdir: str | os.PathLike) -> None:
+    def __init__(
+        self, workdir: str | os.PathLike, *, tensorboard: bool = False
+    ) -> None:
         self.path = pathlib.Path(workdir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.events_dir = self.path.parent / "tensorboard"
+        self.tensorboard = tensorboard
+        self._writer: Any = None
+        if tensorboard:
+            try:
+                import tensorboardX  # noqa: F401
+            except ImportError:
+                raise ImportError(
+                    "tensorboard=True needs tensorboardX (pip install tensorboardX, "
+                    "included in normjax[train]); or turn it off with "
+                    "--config.tensorboard=False."
+                ) from None
+
+    def _events(self) -> Any:
+        if self._writer is None:
+            from tensorboardX import SummaryWriter
+
+            self._writer = SummaryWriter(logdir=str(self.events_dir))
+        return self._writer
+
+    def _mirror(self, record: dict[str, Any]) -> None:
+        writer = self._events()
+        for key, value in record.items():
+            numeric = isinstance(value, int | float) and not isinstance(value, bool)
+            if key in ("step", "split") or not numeric:
+                continue
+            writer.add_scalar(f"{record['split']}/{key}", value, record["step"])
 
     def write(self, step: int, split: str, **metrics: Any) -> dict[str, Any]:
         record = {"step": int(step), "split": split}
@@ -39,6 +77,9 @@ class MetricsLog:
             return record
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.tensorboard:
+            self._mirror(record)
+            self._events().flush()
         return record
 
     def read(self) -> list[dict[str, Any]]:
@@ -55,6 +96,18 @@ class MetricsLog:
         with tmp.open("w") as f:
             f.writelines(json.dumps(r) + "\n" for r in kept)
         os.replace(tmp, self.path)
+        if self.tensorboard:  # the event files, rebuilt from the kept lines
+            self.close()
+            shutil.rmtree(self.events_dir, ignore_errors=True)
+            for record in kept:
+                self._mirror(record)
+            self._events().flush()
+
+    def close(self) -> None:
+        """Closes the event file (a later write opens a new one)."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
 
 
 def progress_bar(total: int, initial: int, disable: bool = False) -> Any:

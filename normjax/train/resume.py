@@ -16,9 +16,10 @@ from typing import Any
 import ml_collections
 
 # Keys that cannot change what a run computes: how often it logs, evaluates and
-# checkpoints, whether it shows a progress bar, and where it finds or caches its
-# data (the dataset is named by the config, not by its location). Evaluation
-# settings are compared: a finished run's summary was made with the old ones.
+# checkpoints, whether it shows a progress bar or writes TensorBoard events, and
+# where it finds or caches its data (the dataset is named by the config, not by
+# its location). Evaluation settings are compared: a finished run's summary was
+# made with the old ones.
 RESULT_NEUTRAL = frozenset(
     {
         "log_every",
@@ -26,6 +27,7 @@ RESULT_NEUTRAL = frozenset(
         "checkpoint_every",
         "keep_checkpoints",
         "progress",
+        "tensorboard",
         "data_dir",
         "cache_dir",
         "download",
