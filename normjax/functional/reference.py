@@ -110,15 +110,8 @@ def reference_norm(
     x_ref, x_samples = x[:r], x[r:]
     m_ref, m_samples = (None, None) if mask is None else (mask[:r], mask[r:])
     reference = stats.moments(x_ref, (0, *sample_axes), mask=m_ref)
-    if sample_axes:
-        own = stats.moments(x_samples, sample_axes, mask=m_samples)
-    else:  # one element per sample and feature
-        dt = stats.stat_dtype(x.dtype)
-        valid = (
-            jnp.ones(x_samples.shape, dt) if m_samples is None else m_samples.astype(dt)
-        )
-        value = jnp.where(valid > 0, x_samples, 0).astype(dt)
-        own = Moments(valid, value, jnp.zeros_like(value))
+    # No sample axes (x_NxD): one element per sample and feature, count 1.
+    own = stats.moments(x_samples, sample_axes, mask=m_samples)
     merged = stats.merge(
         Moments(*(jnp.broadcast_to(s, own.mean.shape) for s in reference)), own
     )
