@@ -197,8 +197,7 @@ _DEVICES_SCRIPT = textwrap.dedent(
     """
     import json, sys, jax, numpy as np
     sys.path.insert(0, {tests!r})
-    from run_metrics import jsonl_scalars, tensorboard_scalars
-from synthetic_task import Net, SyntheticTask, config
+    from synthetic_task import Net, SyntheticTask, config
     from normjax import train
     c = config(batch_size=16, num_steps=4, eval_every=0)
     summary = train.train_and_evaluate(c, sys.argv[1], Net(), SyntheticTask(c))
