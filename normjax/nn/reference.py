@@ -140,23 +140,41 @@ class WithReference(nn.Module):
             )
         reference = self.variable("reference", "inputs", lambda: x[:r])
         ref = reference.value
-        if ref.shape[1:] != x.shape[1:]:
-            raise ValueError(
-                f"WithReference: inputs of shape {x.shape[1:]} per sample do not "
-                f"match the reference batch's {ref.shape[1:]}."
-            )
-        rows = x.shape[0]
-        mask = kwargs.get("mask")
-        if mask is not None and jnp.ndim(mask) and jnp.shape(mask)[0] == rows:
-            mask = jnp.asarray(mask)
-            valid = jnp.ones((r, *mask.shape[1:]), mask.dtype)
-            kwargs["mask"] = jnp.concatenate([valid, mask])
-        with reference_batch(r):
-            out = self.model(jnp.concatenate([ref.astype(x.dtype), x]), *args, **kwargs)
+        return with_reference(self.model, ref, x, args, kwargs, "WithReference")
 
-        def cut(leaf: Any) -> Any:
-            if jnp.ndim(leaf) and jnp.shape(leaf)[0] == r + rows:
-                return leaf[r:]
-            return leaf
 
-        return jax.tree.map(cut, out)
+def with_reference(
+    model: Any,
+    reference: Array,
+    x: Array,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    name: str,
+) -> Any:
+    """``model(concatenate([reference, x]), *args, **kwargs)`` inside
+    :func:`reference_batch`, a ``mask`` keyword with a leading batch axis
+    extended with the reference rows (all valid), and every output leaf with
+    the reference's and ``x``'s rows cut to ``x``'s: what :class:`WithReference`
+    (and its NNX twin) do on each call."""
+    r = reference.shape[0]
+    if reference.shape[1:] != x.shape[1:]:
+        raise ValueError(
+            f"{name}: inputs of shape {x.shape[1:]} per sample do not "
+            f"match the reference batch's {reference.shape[1:]}."
+        )
+    rows = x.shape[0]
+    kwargs = dict(kwargs)
+    mask = kwargs.get("mask")
+    if mask is not None and jnp.ndim(mask) and jnp.shape(mask)[0] == rows:
+        mask = jnp.asarray(mask)
+        valid = jnp.ones((r, *mask.shape[1:]), mask.dtype)
+        kwargs["mask"] = jnp.concatenate([valid, mask])
+    with reference_batch(r):
+        out = model(jnp.concatenate([reference.astype(x.dtype), x]), *args, **kwargs)
+
+    def cut(leaf: Any) -> Any:
+        if jnp.ndim(leaf) and jnp.shape(leaf)[0] == r + rows:
+            return leaf[r:]
+        return leaf
+
+    return jax.tree.map(cut, out)
