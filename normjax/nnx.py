@@ -134,12 +134,13 @@ class Bridged(nnx.Module):
                     attr = (collection, *path)
                 layout.append((collection, attr, path))
         self.layout = tuple(layout)
-        for name, node in unflatten_dict(top).items():
+        top_level = unflatten_dict(top)
+        for name, node in top_level.items():
             if not isinstance(node, nnx.Variable):
                 node = nnx.data(node)
             setattr(self, name, node)
         for collection, flat in others.items():
-            if collection in unflatten_dict(top):
+            if collection in top_level:
                 raise ValueError(
                     f"{type(module).__name__}: collection {collection!r} has the "
                     "name of a submodule; NNX needs one attribute per name."
