@@ -253,7 +253,7 @@ def batch_stats_from_moments(
         present = [k for k, key in keys.items() if key in flat]
         if not present:
             continue
-        layer = "/".join(path)
+        layer = "/".join(map(str, path))
         if len(present) == 1:
             raise ValueError(
                 f"batch_stats of layer {layer!r} has {prefix + present[0]!r} but "
@@ -279,7 +279,7 @@ def batch_stats_from_moments(
             replaced.add(key)
     if warn:
         unchanged = [
-            "/".join(key[:-1] + (key[-1][: -len("mean")] + "{mean,var}",))
+            "/".join(map(str, (*key[:-1], key[-1][: -len("mean")] + "{mean,var}")))
             for key in flat
             if key[-1].endswith("mean")
             and key not in replaced

@@ -194,6 +194,30 @@ def _train(model, images, labels, steps, batch=16, wrt=nnx.Param):
     return losses
 
 
+class ListedNorms(nnx.Module):
+    """Norms held in an nnx.List: integer keys in the state's paths."""
+
+    def __init__(self, *, rngs: nnx.Rngs):
+        self.norms = nnx.List([nj.BatchNorm(3, rngs=rngs) for _ in range(2)])
+
+    def __call__(self, x):
+        for norm in self.norms:
+            x = norm(x) * 2.0 + 1.0
+        return x
+
+
+def test_calibrate_with_norms_in_a_list():
+    model = ListedNorms(rngs=nnx.Rngs(0))
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(32, 3)) * 4 + 1)
+    precise = nj.calibrate(model, [x[:16], x[16:]])
+    assert set(precise["norms"]) == {0, 1}
+    np.testing.assert_allclose(precise["norms"][0]["mean"], x.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(precise["norms"][0]["var"], x.var(0), rtol=1e-4)
+    # the second norm's input is the first one's output, normalized to 2 y + 1
+    np.testing.assert_allclose(precise["norms"][1]["mean"], 1.0, atol=1e-4)
+    np.testing.assert_allclose(precise["norms"][1]["var"], 4.0, rtol=1e-3)
+
+
 def test_nnx_cnn_trains_under_jit_and_precise_statistics_replace_the_running_ones():
     images, labels = _task()
     model = SmallCNN("batch", rngs=nnx.Rngs(0))
