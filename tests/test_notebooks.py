@@ -10,18 +10,27 @@ import tfds_data
 pytestmark = pytest.mark.slow  # real data
 
 NOTEBOOKS = pathlib.Path(__file__).resolve().parent.parent / "notebooks"
-CIFAR_DIR, _WHY = tfds_data.find("cifar10")
+NAMES = [
+    "inspect_checkpoint",
+    "replay_priors",
+    "own_model",
+    "nnx_model",
+    "mlp_batchnorm",
+]
+DATA = {name: "cifar10" for name in NAMES} | {"mlp_batchnorm": "tiny_shakespeare"}
 
 
 def test_every_notebook_is_built_from_a_source():
     built = {p.stem for p in NOTEBOOKS.glob("*.ipynb")}
     sources = {p.stem for p in (NOTEBOOKS / "src").glob("*.py")}
-    assert built == sources == {"inspect_checkpoint", "replay_priors", "own_model"}
+    assert built == sources == set(NAMES)
 
 
-@pytest.mark.skipif(CIFAR_DIR is None, reason=_WHY)
-@pytest.mark.parametrize("name", ["inspect_checkpoint", "replay_priors", "own_model"])
+@pytest.mark.parametrize("name", NAMES)
 def test_notebook_executes_without_errors(name):
+    data_dir, why = tfds_data.find(DATA[name])
+    if data_dir is None:
+        pytest.skip(why)
     # A copy, run where the original lives (its relative data path resolves the
     # same way); the committed notebook with its outputs is left untouched.
     notebook = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
