@@ -1,4 +1,4 @@
-"""Train a CNN on CIFAR-10 with any registered norm.
+r"""Train a CNN on CIFAR-10 with any registered norm.
 
     python -m experiments.cifar --config=experiments/configs/cifar.py:quick \
         --config.norm=layer --workdir=runs/cifar_ln
@@ -264,7 +264,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 def main() -> None:
     """``python -m experiments.cifar --config=...:quick --workdir=...``."""
     common.run_with_flags(
-        "experiments/configs/cifar.py:quick",
+        "cifar",
         lambda config, workdir: print(json.dumps(run(config, workdir), indent=2)),
     )
 

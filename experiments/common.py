@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -13,6 +15,7 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
+from experiments import configs
 from normjax import nn as norms
 from normjax import registry
 
@@ -63,10 +66,15 @@ def _flat_keys(tree: Any, prefix: str = "") -> list[str]:
 
 
 def run_with_flags(
-    default_config: str, run: Callable[[ml_collections.ConfigDict, str], Any]
+    experiment: str, run: Callable[[ml_collections.ConfigDict, str], Any]
 ) -> None:
     """``--config=FILE:PRESET`` (with ``--config.KEY=VALUE`` overrides) and a
     required ``--workdir``, then ``run(config, workdir)`` under absl.
+
+    ``experiment`` names the configuration file ``experiments/configs/NAME.py``;
+    the default ``--config`` is its ``quick`` preset, found from the package
+    (any current directory works). ``--help`` lists its presets and main keys;
+    each run prints its resolved configuration first.
 
     ``--distributed`` first calls ``jax.distributed.initialize()`` (several hosts:
     run the same command on each; on Cloud TPU, SLURM, Open MPI and Kubernetes the
@@ -75,10 +83,14 @@ def run_with_flags(
     # New keys are accepted while parsing so that --config.norm_kwargs.KEY=VALUE
     # can name any option of the norm; every other override must name a key of
     # the preset (checked in main), and the config is locked after.
+    module = importlib.import_module(f"experiments.configs.{experiment}")
+    main_module = sys.modules["__main__"]
+    main_module.__doc__ = (main_module.__doc__ or "") + "\n" + configs.describe(module)
     config = config_flags.DEFINE_config_file(
         "config",
-        default_config,
-        "Experiment configuration.",
+        f"{configs.path(experiment)}:quick",
+        f"Experiment configuration FILE:PRESET (default: the quick preset of "
+        f"experiments/configs/{experiment}.py), then --config.KEY=VALUE overrides.",
         lock_config=False,
         accept_new_attributes=True,
     )
@@ -98,6 +110,10 @@ def run_with_flags(
         "process_id", None, "With --distributed: this process's index."
     )
 
+    # --help lists the flags of the main module: these are its flags.
+    for name in ("config", "workdir", "distributed"):
+        flags.FLAGS.register_flag_by_module(sys.argv[0], flags.FLAGS[name])
+
     def main(argv: list[str]) -> None:
         del argv
         check_overrides(flags.FLAGS["config"])
@@ -112,6 +128,10 @@ def run_with_flags(
             raise app.UsageError(
                 "--coordinator_address/--num_processes/--process_id need --distributed."
             )
+        if jax.process_index() == 0:
+            filename = config_flags.get_config_filename(flags.FLAGS["config"])
+            print(f"configuration ({filename} with overrides):", flush=True)
+            print(config.value, flush=True)
         run(config.value, workdir.value)
 
     app.run(main)

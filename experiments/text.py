@@ -1,4 +1,4 @@
-"""Train a GPT-style decoder on text with any norm and any tokenization.
+r"""Train a GPT-style decoder on text with any norm and any tokenization.
 
     python -m experiments.text --config=experiments/configs/text.py:quick \
         --config.norm=batch --config.tokenizer=bpe --workdir=runs/text_bn_bpe
@@ -340,7 +340,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 def main() -> None:
     """``python -m experiments.text --config=...:quick --workdir=...``."""
     common.run_with_flags(
-        "experiments/configs/text.py:quick",
+        "text",
         lambda config, workdir: print(json.dumps(run(config, workdir), indent=2)),
     )
 

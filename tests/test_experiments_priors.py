@@ -1,6 +1,7 @@
 """experiments.priors: the smoke study end to end on real data, and its pieces."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -28,15 +29,24 @@ needs_data = pytest.mark.skipif(
 
 @pytest.mark.slow
 @needs_data
-def test_smoke_study_writes_every_table_and_plot_and_resumes(tmp_path, monkeypatch):
+def test_smoke_study_writes_every_table_and_plot_and_resumes(
+    tmp_path, monkeypatch, capsys
+):
     config = configs.get_config("smoke")
     config.data_dir = CIFAR_DIR
     results = priors.run_study(config, str(tmp_path))
+    # progress: one bar over the 13 runs, a line per finished run with its number
+    err = capsys.readouterr().err
+    assert "finished before this call: probe 0/2, sweep 0/4, text 0/7" in err
+    assert "13/13" in err
+    assert re.search(r"probe_batch_s0: test accuracy \d+\.\d\d% \(running", err)
+    assert re.search(r"sweep_layer_b4_s0: test accuracy [\d.]+% \(running\)", err)
+    assert re.search(r"text_batch_byte_L8_s0: val bits/byte \d\.\d{3} \(pop", err)
     for name in ("results.json", "results.md", *priors.PLOTS):
         assert (tmp_path / name).stat().st_size > 0, name
     saved = json.loads((tmp_path / "results.json").read_text())
     assert set(saved) >= {"header", "probe", "stats", "sweep", "text"}
-    finished = {"probe": "2/2", "sweep": "4/4", "text": "9/9"}
+    finished = {"probe": "2/2", "sweep": "4/4", "text": "7/7"}
     assert saved["header"]["finished_runs"] == finished
     markdown = (tmp_path / "results.md").read_text()
     for heading in ("## 1.", "## 2.", "## 3-4.", "## 5.", "## 6."):
@@ -69,7 +79,7 @@ def test_smoke_study_writes_every_table_and_plot_and_resumes(tmp_path, monkeypat
     # 5. tokenizers x norms, small batches, the context sweep at a fixed batch
     # size and at fixed tokens per step (L=16 at the preset's batch size reuses
     # the tokenizer run)
-    assert len(results["text"]) == 4 + 2 + 2 + 2
+    assert len(results["text"]) == 2 + 2 + 2 + 2
     runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
     assert "text_batch_byte_L16_s0" not in runs and "text_batch_byte_L8_s0" in runs
     assert "text_batch_byte_L8_b2_s0" in runs and "text_batch_byte_b1_s0" in runs
@@ -88,7 +98,12 @@ def test_smoke_study_writes_every_table_and_plot_and_resumes(tmp_path, monkeypat
 
     monkeypatch.setattr(cifar_eval.cifar_experiment, "train", no_training)
     monkeypatch.setattr(priors_text.text_experiment, "run", no_training)
+    capsys.readouterr()
     again = priors.run_study(config, str(tmp_path))
+    out, err = capsys.readouterr()
+    assert "finished before this call: probe 2/2, sweep 4/4, text 7/7" in err
+    assert "test accuracy" not in err  # no run finished in this call
+    assert "finished runs on disk: probe 2/2, sweep 4/4, text 7/7" in out
     for part in ("probe", "stats", "sweep", "text"):
         assert again[part] == results[part]
     # ... also when reporting only, with no part to run
@@ -99,10 +114,10 @@ def test_smoke_study_writes_every_table_and_plot_and_resumes(tmp_path, monkeypat
     assert empty["header"]["finished_runs"] == {
         "probe": "0/2",
         "sweep": "0/4",
-        "text": "0/9",
+        "text": "0/7",
     }
     assert (
-        "finished runs: probe 0/2, sweep 0/4, text 0/9"
+        "finished runs: probe 0/2, sweep 0/4, text 0/7"
         in (tmp_path / "empty" / "results.md").read_text()
     )
 

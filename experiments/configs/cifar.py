@@ -1,4 +1,4 @@
-"""CIFAR-10 with any norm.
+r"""CIFAR-10 with any norm.
 
   quick (this 2-core CPU, <= 10 minutes):
     python -m experiments.cifar --config=experiments/configs/cifar.py:quick \
@@ -144,5 +144,26 @@ def tiny() -> ml_collections.ConfigDict:
     return config
 
 
+PRESETS = {"quick": quick, "full": full, "tiny": tiny}
+
+# The main keys, one line each (``--help``).
+KEYS = {
+    "norm": "registered norm name (batch, layer, rms, group, online, ...)",
+    "norm_kwargs": "options of the norm: --config.norm_kwargs.NAME=VALUE",
+    "norm_momentum": "running-statistics momentum of norms that keep them",
+    "model": "'fast_cnn' or 'resnet'",
+    "data_dir": "TFDS data directory (None: $TFDS_DATA_DIR, else TFDS's default)",
+    "batch_size": "training batch size (global, over every device)",
+    "num_epochs": "training length in epochs (num_steps, if set, wins)",
+    "num_steps": "training length in steps",
+    "learning_rate": "peak learning rate",
+    "ghost_batch_size": "batch statistics over ghost batches of this size",
+    "eval_sources": "statistics sources evaluated: running, batch, example_weighted",
+    "seed": "random seed (initialization, data order, augmentation)",
+    "tensorboard": "write TensorBoard event files into WORKDIR/tensorboard",
+    "resume": "'auto' refuses a workdir of another configuration, 'force' resumes",
+}
+
+
 def get_config(preset: str = "quick") -> ml_collections.ConfigDict:
-    return select({"quick": quick, "full": full, "tiny": tiny}, preset)
+    return select(PRESETS, preset)

@@ -1,4 +1,4 @@
-"""The priors study: per-sample vs batch statistics, measured.
+r"""The priors study: per-sample vs batch statistics, measured.
 
   smoke (tests, seconds per run):
     python -m experiments.priors --config=experiments/configs/priors.py:smoke \
@@ -146,7 +146,8 @@ def smoke() -> ml_collections.ConfigDict:
     config.text = text_configs.tiny()
     config.text.vocab_size = 260
     config.text_norms = ("layer", "batch")
-    config.text_tokenizers = ("byte", "bpe")
+    # BPE runs end to end in tests/test_experiments_text.py; one tokenizer here
+    config.text_tokenizers = ("byte",)
     config.context_norms = ("batch",)
     config.context_lengths = (8, 16)  # 16: the tokenizer runs' own length
     config.context_tokens_per_step = 16  # B = 2 at L = 8, 1 at L = 16
@@ -155,5 +156,23 @@ def smoke() -> ml_collections.ConfigDict:
     return config
 
 
+PRESETS = {"quick": quick, "full": full, "smoke": smoke}
+
+# The main keys, one line each (``--help``).
+KEYS = {
+    "parts": "parts to run now (the rest is read from disk); empty: rebuild only",
+    "data_dir": "TFDS data directory holding cifar10 and tiny_shakespeare",
+    "seeds": "seeds of every run (tables: mean, std, paired differences)",
+    "probe_norms": "norms of the statistics-source probe (parts probe, stats)",
+    "sweep_norms": "norms of the batch-size sweep",
+    "sweep_batch_sizes": "batch sizes of the sweep",
+    "text_norms": "norms (NAME or NAME:CAUSAL) of the text comparison",
+    "context_lengths": "context lengths of the text context sweep",
+    "restore_from": "a results.json whose finished text runs are restored",
+    "cifar.num_epochs": "epochs of each CIFAR run (every cifar.* key applies)",
+    "text.num_steps": "steps of each text run (every text.* key applies)",
+}
+
+
 def get_config(preset: str = "quick") -> ml_collections.ConfigDict:
-    return select({"quick": quick, "full": full, "smoke": smoke}, preset)
+    return select(PRESETS, preset)

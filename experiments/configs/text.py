@@ -1,4 +1,4 @@
-"""Character/byte/BPE language modelling with any norm.
+r"""Character/byte/BPE language modelling with any norm.
 
   quick (this 2-core CPU, <= 10 minutes):
     python -m experiments.text --config=experiments/configs/text.py:quick \
@@ -137,5 +137,27 @@ def tiny() -> ml_collections.ConfigDict:
     return config
 
 
+PRESETS = {"quick": quick, "full": full, "tiny": tiny}
+
+# The main keys, one line each (``--help``).
+KEYS = {
+    "norm": "registered norm name (layer, rms, batch, bln, power, ...)",
+    "norm_kwargs": "options of the norm: --config.norm_kwargs.NAME=VALUE",
+    "causal": "batch statistics: cumulative, per_position, running or off",
+    "tokenizer": "'byte', 'char' or 'bpe' (trained on the training split)",
+    "vocab_size": "BPE vocabulary size",
+    "data_dir": "TFDS data directory (None: $TFDS_DATA_DIR, else TFDS's default)",
+    "text_file": "a UTF-8 file instead of tiny_shakespeare",
+    "max_len": "context length",
+    "batch_size": "training batch size (sequences)",
+    "num_steps": "training steps",
+    "learning_rate": "peak learning rate (AdamW)",
+    "eval_sources": "statistics sources evaluated: running, precise, batch, ...",
+    "seed": "random seed",
+    "tensorboard": "write TensorBoard event files into WORKDIR/tensorboard",
+    "resume": "'auto' refuses a workdir of another configuration, 'force' resumes",
+}
+
+
 def get_config(preset: str = "quick") -> ml_collections.ConfigDict:
-    return select({"quick": quick, "full": full, "tiny": tiny}, preset)
+    return select(PRESETS, preset)

@@ -1,4 +1,4 @@
-"""The priors study: what do batch statistics give a network that per-sample
+r"""The priors study: what do batch statistics give a network that per-sample
 statistics don't?
 
     python -m experiments.priors --config=experiments/configs/priors.py:quick \

@@ -6,10 +6,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
+import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
 import ml_collections
+import tqdm
 
 try:
     import fcntl
@@ -64,6 +67,102 @@ def run_or_read(
     process holds the run, else what it wrote to ``path`` so far (None: nothing)."""
     record = claimed(path.parent, run, *args, **kwargs) if run_now else None
     return read_json(path) if record is None else record
+
+
+def _exists(record: Any) -> bool:
+    return record is not None
+
+
+@dataclasses.dataclass
+class Job:
+    """One run of the study: its part, the record file it writes, whether this
+    call runs it (its part was asked for), how to run it, where its record goes
+    in the results, and when a record on disk counts as finished."""
+
+    part: str
+    record: pathlib.Path
+    run_now: bool
+    run: Callable[[], Any]
+    keep: Callable[[Any], None]
+    finished: Callable[[Any], bool] = _exists
+
+    def done(self) -> bool:
+        record = read_json(self.record)
+        return record is not None and self.finished(record)
+
+
+def headline(part: str, record: dict[str, Any]) -> str:
+    """A finished run's main number, for its progress line."""
+    if part == "probe":
+        sources = record.get("sources") or {}
+        if not sources:
+            return "statistics probe written"
+        name, result = next(iter(sources.items()))
+        return f"test accuracy {result['accuracy']:.2%} ({name} statistics)"
+    if part == "sweep":
+        return (
+            f"test accuracy {record['running']:.2%} (running), "
+            f"{record['precise']:.2%} (precise)"
+        )
+    bits = record.get("val_bits_per_byte")
+    batch = record.get("val_bits_per_byte_batch")
+    text = f"val bits/byte {bits:.3f} (population statistics)"
+    return text + (f", {batch:.3f} (batch)" if batch is not None else "")
+
+
+class Progress:
+    """One bar across the study's parts — runs finished of the runs asked for
+    (finished before this call included), elapsed time and an ETA from this
+    call's runs — and a line per run finished with its headline number. Runs
+    another process holds are left out of this bar (that process shows them)."""
+
+    def __init__(self, jobs: list[Job], file: Any = None) -> None:
+        wanted = {job.record: job for job in jobs if job.run_now}  # once per run
+        done = sum(job.done() for job in wanted.values())
+        self._file = sys.stderr if file is None else file
+        self._bar = tqdm.tqdm(
+            total=len(wanted),
+            initial=done,
+            desc="[priors] runs",
+            unit="run",
+            file=self._file,
+            smoothing=0.0,  # ETA from the mean time per run of this call
+            dynamic_ncols=True,
+            disable=not wanted,
+        )
+        if wanted:
+            counts: dict[str, tuple[int, int]] = {}
+            for job in wanted.values():
+                finished, total = counts.get(job.part, (0, 0))
+                counts[job.part] = (finished + job.done(), total + 1)
+            parts = ", ".join(f"{p} {d}/{t}" for p, (d, t) in counts.items())
+            self.write(f"[priors] finished before this call: {parts}")
+
+    def write(self, line: str) -> None:
+        self._bar.write(line, file=self._file)
+
+    def timed(self, job: Job) -> Callable[[], Any]:
+        """``job.run``, advancing the bar and printing a line when it finishes
+        a run that was not finished before."""
+
+        def run() -> Any:
+            if job.done():
+                return job.run()  # reads (or completes) what is there
+            start = time.monotonic()
+            record = job.run()
+            if record is not None and job.finished(record):
+                minutes = (time.monotonic() - start) / 60
+                name = job.record.parent.name
+                self.write(
+                    f"[priors] {name}: {headline(job.part, record)} ({minutes:.1f} min)"
+                )
+                self._bar.update(1)
+            return record
+
+        return run
+
+    def close(self) -> None:
+        self._bar.close()
 
 
 def write_json(path: pathlib.Path, value: Any) -> None:

@@ -4,6 +4,7 @@ from what is on disk."""
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import pathlib
 import sys
@@ -16,6 +17,8 @@ from experiments.priors.cifar_eval import probe_run, sweep_run
 from experiments.priors.plots import write_plots
 from experiments.priors.report import machine, write_markdown
 from experiments.priors.runs import (
+    Job,
+    Progress,
     Study,
     parts_of,
     run_or_read,
@@ -51,41 +54,51 @@ def run_study(
     # Text runs (finished or not) by directory: reused runs count once.
     text_runs: dict[pathlib.Path, bool] = {}
 
+    # Every run of the study in order, then run (those of the parts asked for)
+    # or read: planning first gives the progress bar its total.
+    jobs: list[Job] = []
     # 1-2.
     for norm in config.probe_norms:
         for seed in seeds:
-            record = run_or_read(
-                study.probe_dir(norm, seed) / "probe.json",
-                bool(parts & {"probe", "stats"}),
-                probe_run,
-                study,
-                norm,
-                seed,
-                parts,
+
+            def keep_probe(record: dict[str, Any], norm: str = norm, seed: int = seed):
+                if "sources" in record:
+                    results["probe"].setdefault(norm, {})[seed] = record["sources"]
+                if "statistics" in record:
+                    results["stats"].setdefault(norm, {})[seed] = record["statistics"]
+
+            want = {"sources"} if "probe" in parts else set()
+            want |= {"statistics"} if "stats" in parts else set()
+            jobs.append(
+                Job(
+                    "probe",
+                    study.probe_dir(norm, seed) / "probe.json",
+                    bool(want),
+                    functools.partial(probe_run, study, norm, seed, parts),
+                    keep_probe,
+                    # probe.json may hold one part only
+                    lambda record, want=want: want <= set(record),
+                )
             )
-            if not record:
-                continue
-            if "sources" in record:
-                results["probe"].setdefault(norm, {})[seed] = record["sources"]
-            if "statistics" in record:
-                results["stats"].setdefault(norm, {})[seed] = record["statistics"]
     # 3-4.
     for norm in config.sweep_norms:
         for size in config.sweep_batch_sizes:
             for seed in seeds:
-                record = run_or_read(
-                    study.sweep_dir(norm, size, seed) / "sweep.json",
-                    "sweep" in parts,
-                    sweep_run,
-                    study,
-                    norm,
-                    size,
-                    seed,
-                )
-                if record:
+
+                def keep_sweep(record, norm: str = norm, size: int = size, seed=seed):
                     results["sweep"].setdefault(norm, {}).setdefault(size, {})[seed] = (
                         record
                     )
+
+                jobs.append(
+                    Job(
+                        "sweep",
+                        study.sweep_dir(norm, size, seed) / "sweep.json",
+                        "sweep" in parts,
+                        functools.partial(sweep_run, study, norm, size, seed),
+                        keep_sweep,
+                    )
+                )
     # 5. The longest runs (the context sweep) last.
     restored = (
         restorable_text(config, config.restore_from) if config.restore_from else {}
@@ -101,19 +114,30 @@ def run_study(
             record = restored.get(key, {}).get(str(seed))
             if record is not None:
                 restore_text_run(run_dir / "summary.json", record, config.restore_from)
-            summary = run_or_read(
-                run_dir / "summary.json",
-                "text" in parts,
-                text_run,
-                study,
-                variant,
-                tokenizer,
-                seed,
-                **extra_run,
-            )
-            text_runs[run_dir] = bool(summary)
-            if summary:
+
+            def keep_text(summary, key: str = key, seed: int = seed):
                 results["text"].setdefault(key, {})[seed] = text_record(summary)
+
+            jobs.append(
+                Job(
+                    "text",
+                    run_dir / "summary.json",
+                    "text" in parts,
+                    functools.partial(
+                        text_run, study, variant, tokenizer, seed, **extra_run
+                    ),
+                    keep_text,
+                )
+            )
+
+    progress = Progress(jobs)
+    for job in jobs:
+        record = run_or_read(job.record, job.run_now, progress.timed(job))
+        if job.part == "text":  # runs reused by two comparisons count once
+            text_runs[job.record.parent] = bool(record)
+        if record:
+            job.keep(record)
+    progress.close()
     probe_done = sum(map(len, results["probe"].values()))
     sweep_done = sum(len(r) for n in results["sweep"].values() for r in n.values())
     sweep_planned = len(config.sweep_norms) * len(config.sweep_batch_sizes) * len(seeds)
@@ -129,6 +153,8 @@ def run_study(
             "text": f"{sum(text_runs.values())}/{len(text_runs)}",
         },
     }
+    finished = ", ".join(f"{k} {v}" for k, v in header["finished_runs"].items())
+    print(f"[priors] finished runs on disk: {finished}", flush=True)
     out = {
         "header": header,
         "config": json.loads(config.to_json_best_effort()),
@@ -156,4 +182,4 @@ def main() -> None:
         run_study(config, workdir, command=command)
         print((pathlib.Path(workdir) / "results.md").read_text())
 
-    common.run_with_flags("experiments/configs/priors.py:quick", run)
+    common.run_with_flags("priors", run)
