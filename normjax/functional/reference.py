@@ -107,18 +107,23 @@ def reference_norm(
                 f"axis 0 and the feature axes {feature_axes}."
             )
     mask = broadcast_mask(mask, x)
-    x_ref, x_samples = x[:r], x[r:]
-    m_ref, m_samples = (None, None) if mask is None else (mask[:r], mask[r:])
-    reference = stats.moments(x_ref, (0, *sample_axes), mask=m_ref)
-    # No sample axes (x_NxD): one element per sample and feature, count 1.
-    own = stats.moments(x_samples, sample_axes, mask=m_samples)
-    merged = stats.merge(
-        Moments(*(jnp.broadcast_to(s, own.mean.shape) for s in reference)), own
+    reference = stats.moments(
+        x[:r], (0, *sample_axes), mask=None if mask is None else mask[:r]
     )
-    y = jnp.concatenate(
-        [
-            standardize(x_ref, stats.mean_var(reference), epsilon, m_ref),
-            standardize(x_samples, stats.mean_var(merged), epsilon, m_samples),
-        ]
+    # Every row's own moments (x_NxD: one element per sample and feature, count
+    # 1), merged with R's; R's rows are normalized by R's alone. One standardize
+    # over the whole x: the per-row statistics are selected, not the data
+    # concatenated (a copy of x).
+    own = stats.moments(x, sample_axes, mask=mask)
+    reference = Moments(*(jnp.broadcast_to(s, own.mean.shape) for s in reference))
+    merged = stats.merge(reference, own)
+    in_reference = (jnp.arange(x.shape[0]) < r).reshape(
+        (-1,) + (1,) * (own.mean.ndim - 1)
     )
+    mean_var = jax.tree.map(
+        lambda a, b: jnp.where(in_reference, a, b),
+        stats.mean_var(reference),
+        stats.mean_var(merged),
+    )
+    y = standardize(x, mean_var, epsilon, mask)
     return cast_output(affine(y, params, feature_axes, name=name), x, dtype)
