@@ -10,6 +10,7 @@ wall time, examples/s, parameter count) and curves.png.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import pathlib
@@ -56,6 +57,8 @@ def build_model(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
         norm_kwargs.setdefault("ghost_batch_size", ghost)
     registry.make_norm(config.norm, **norm_kwargs)  # a wrong option, named, now
     conv, pool = models.backend_layers(layers=config.layers)
+    if config.weight_norm:
+        conv = models.weight_normed(conv)
     builders = {
         "fast_cnn": lambda: (
             models.FastCNN(
@@ -111,6 +114,28 @@ def load_data(
     )
 
 
+def holdout_split(data: cifar.Cifar10, count: int) -> cifar.Cifar10:
+    """``data`` with ``count`` training images held out as its test set (for
+    choosing hyperparameters without the test split): the last ``count`` of a
+    fixed permutation, the same for every seed and norm. The standardization
+    constants stay those of the whole training split."""
+    n = len(data.train_labels)
+    if not 0 < count < n:
+        raise ValueError(
+            f"holdout={count} must be between 1 and {n - 1}, the training images "
+            "less one (0 evaluates on the test split)."
+        )
+    order = np.random.default_rng(0).permutation(n)
+    train, held = np.sort(order[:-count]), np.sort(order[-count:])
+    return dataclasses.replace(
+        data,
+        train_images=data.train_images[train],
+        train_labels=data.train_labels[train],
+        test_images=data.train_images[held],
+        test_labels=data.train_labels[held],
+    )
+
+
 class CifarTask:
     """CIFAR-10 classification for ``normjax.train.train_and_evaluate``."""
 
@@ -126,6 +151,8 @@ class CifarTask:
             config.download,
             config.get("cache_dir"),
         )
+        if config.holdout:
+            self.data = holdout_split(self.data, config.holdout)
         n = len(self.data.train_labels)
         if config.batch_size > n:
             raise ValueError(

@@ -159,3 +159,48 @@ def test_layers_follow_the_backend_unless_the_config_says():
     assert model.conv is nn.Conv and model.pool is layers.flax_max_pool_2x2
     config.model = "resnet"
     assert experiment.build_model(config)[0].conv is nn.Conv
+
+
+def test_weight_norm_wraps_every_trained_convolution():
+    import jax
+
+    config = configs.get_config("tiny")
+    config.norm, config.weight_norm = "none", True
+    model, _ = experiment.build_model(config)
+    x = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
+    params = model.init(jax.random.key(0), x, train=False)["params"]
+    for stage in ("conv1", "conv2", "conv3"):
+        layer = params[stage]["weight_norm"]
+        assert layer["layer_instance/kernel/scale"].shape == (
+            layer["layer_instance"]["kernel"].shape[-1],
+        )
+
+
+def test_holdout_split_is_fixed_disjoint_and_refuses_bad_sizes():
+    import dataclasses
+
+    rng = np.random.default_rng(0)
+    n = 50
+    images = np.arange(n)[:, None, None, None] * np.ones((1, 2, 2, 3), np.uint8)
+    data = experiment.cifar.Cifar10(
+        train_images=images.astype(np.uint8),
+        train_labels=rng.integers(0, 10, n).astype(np.int32),
+        test_images=np.zeros((4, 2, 2, 3), np.uint8),
+        test_labels=np.zeros(4, np.int32),
+        mean=np.zeros(3, np.float32),
+        std=np.ones(3, np.float32),
+        class_names=tuple(map(str, range(10))),
+        data_dir="",
+    )
+    split = experiment.holdout_split(data, 10)
+    again = experiment.holdout_split(data, 10)
+    train_ids = split.train_images[:, 0, 0, 0].tolist()
+    held_ids = split.test_images[:, 0, 0, 0].tolist()
+    assert len(train_ids) == 40 and len(held_ids) == 10
+    assert sorted(train_ids + held_ids) == list(range(n))
+    assert held_ids == again.test_images[:, 0, 0, 0].tolist()
+    np.testing.assert_array_equal(split.test_labels, data.train_labels[held_ids])
+    assert dataclasses.replace(split).mean is data.mean
+    for bad in (n, -1):
+        with pytest.raises(ValueError, match="holdout="):
+            experiment.holdout_split(data, bad)

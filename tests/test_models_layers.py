@@ -245,3 +245,18 @@ def test_backend_layers_choose_fast_layers_on_cpu_and_flax_ones_on_request():
     assert layers.backend_layers(nn.Conv, layers="fast")[0] is nn.Conv
     with pytest.raises(ValueError, match="auto, fast, flax"):
         layers.backend_layers(layers="gpu")
+
+
+def test_weight_normed_conv_uses_the_kernel_normalized_per_output_channel():
+    conv = layers.weight_normed(Conv)(5, (3, 3), use_bias=False)
+    x = jax.random.normal(jax.random.key(0), (2, 6, 6, 4))
+    params = conv.init(jax.random.key(1), x)["params"]["weight_norm"]
+    v = np.asarray(params["layer_instance"]["kernel"], np.float64)
+    scale = np.linspace(0.5, 2.0, 5)
+    params["layer_instance/kernel/scale"] = jnp.asarray(scale, jnp.float32)
+    y = conv.apply({"params": {"weight_norm": params}}, x)
+    kernel = v / np.sqrt((v**2).sum((0, 1, 2))) * scale
+    plain = Conv(5, (3, 3), use_bias=False).apply(
+        {"params": {"kernel": jnp.asarray(kernel, jnp.float32)}}, x
+    )
+    np.testing.assert_allclose(y, plain, rtol=1e-5, atol=1e-5)

@@ -162,6 +162,14 @@ def test_resume_differences_flatten_nested_keys():
     }
 
 
+def test_keys_added_later_match_their_old_behaviour_when_absent():
+    saved = {"norm": "batch", "cifar": {"lr": 1}}  # made before the keys existed
+    now = {"norm": "batch", "holdout": 0, "cifar": {"lr": 1, "weight_norm": False}}
+    assert resume.differences(saved, now) == {}
+    now["cifar"]["weight_norm"] = True
+    assert resume.differences(saved, now) == {"cifar.weight_norm": (False, True)}
+
+
 def test_power_norm_state_is_updated_through_the_loop(tmp_path):
     model = Net(norm="power")
     task = SyntheticTask(config())

@@ -24,6 +24,9 @@ def base() -> ml_collections.ConfigDict:
     # ~/.cache/normjax), never in data_dir.
     config.cache_dir = ml_collections.FieldReference(None, field_type=str)
     config.train_subset = ml_collections.FieldReference(None, field_type=int)
+    # Hold out this many training images (a fixed draw) and evaluate on them
+    # instead of the test split: for choosing hyperparameters. 0: the test split.
+    config.holdout = 0
     config.test_subset = ml_collections.FieldReference(None, field_type=int)
     config.norm = "batch"
     config.norm_kwargs = ml_collections.ConfigDict()
@@ -42,6 +45,8 @@ def base() -> ml_collections.ConfigDict:
     config.depth = 20
     config.width = 16
     config.zero_init_residual = False
+    # Weight normalization (Salimans & Kingma 2016) on every trained convolution.
+    config.weight_norm = False
     # Convolution and max-pool: 'auto' (normjax's CPU-fast ones on the CPU
     # backend, flax.linen's on GPU/TPU), 'fast' or 'flax'.
     config.layers = "auto"

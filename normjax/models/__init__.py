@@ -3,7 +3,14 @@ FastCNN) and a GPT-style decoder — and fast CPU layers."""
 
 from normjax.models.common import image_mask, norm_layer
 from normjax.models.fastcnn import FastCNN, Whitening, init_whitening, whitening_kernel
-from normjax.models.layers import Conv, backend_layers, conv2d, max_pool_2x2
+from normjax.models.layers import (
+    Conv,
+    WeightNormConv,
+    backend_layers,
+    conv2d,
+    max_pool_2x2,
+    weight_normed,
+)
 from normjax.models.resnet import BasicBlock, ResNet
 from normjax.models.transformer import Block, CausalSelfAttention, Transformer
 
@@ -17,6 +24,8 @@ __all__ = [
     "Transformer",
     "Whitening",
     "backend_layers",
+    "weight_normed",
+    "WeightNormConv",
     "conv2d",
     "image_mask",
     "init_whitening",

@@ -35,6 +35,9 @@ RESULT_NEUTRAL = frozenset(
     }
 )
 RESUME_MODES = ("auto", "force")
+# Keys added to the configurations after runs were made without them: absent
+# from a saved configuration, they had this value (the behaviour before).
+ADDED_KEYS: dict[str, Any] = {"holdout": 0, "weight_norm": False}
 
 
 class ConfigMismatchError(ValueError):
@@ -64,6 +67,9 @@ def differences(
         if key.split(".")[-1] in RESULT_NEUTRAL:
             continue
         before, after = old.get(key, missing), new.get(key, missing)
+        leaf = key.split(".")[-1]
+        if before is missing and leaf in ADDED_KEYS:
+            before = ADDED_KEYS[leaf]
         if before != after:
             out[key] = (
                 "(absent)" if before is missing else before,
