@@ -1,6 +1,7 @@
 """experiments.priors: the smoke study end to end on real data, and its pieces."""
 
 import json
+import pathlib
 import re
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import tfds_data
 
 from experiments import priors
 from experiments.configs import priors as configs
-from experiments.priors import cifar_eval, report, runs
+from experiments.priors import ablation, cifar_eval, report, runs
 from experiments.priors import text as priors_text
 from normjax.models import FastCNN, max_pool_2x2
 
@@ -34,6 +35,7 @@ def test_smoke_study_writes_every_table_and_plot_and_resumes(
 ):
     config = configs.get_config("smoke")
     config.data_dir = CIFAR_DIR
+    config.ablation_rows = ()  # the ablation has its own test
     results = priors.run_study(config, str(tmp_path))
     # progress: one bar over the 13 runs, a line per finished run with its number
     err = capsys.readouterr().err
@@ -120,6 +122,103 @@ def test_smoke_study_writes_every_table_and_plot_and_resumes(
         "finished runs: probe 0/2, sweep 0/4, text 0/7"
         in (tmp_path / "empty" / "results.md").read_text()
     )
+
+
+@pytest.mark.slow
+@needs_data
+def test_smoke_ablation_writes_its_tables_and_plot(tmp_path, capsys):
+    config = configs.get_config("smoke")
+    config.data_dir = CIFAR_DIR
+    config.parts = "ablation"  # runs the learning-rate grid it needs first
+    results = priors.run_study(config, str(tmp_path))
+    assert results["header"]["finished_runs"]["ablation_lr"] == "8/8"
+    assert results["header"]["finished_runs"]["ablation"] == "10/10"
+    assert (tmp_path / "ablation.png").stat().st_size > 0
+    grid = results["ablation_lr"]
+    assert set(grid) == set(config.ablation_rows)
+    assert all(set(per) == {"0.1", "0.4"} for per in grid.values())
+    table = results["ablation"]
+    assert list(table) == ["short b32", "long b32", "short b8"]
+    assert set(table["short b8"]) == {"batch", "mix"}
+    for setting in table.values():
+        for name, per_seed in setting.items():
+            r = per_seed[0]
+            # one image at a time gives the inference-statistics logits
+            assert r["single_max_logit_change"] < 1e-4, name
+            for key in ("accuracy", "precise", "accuracy_offset_erased"):
+                assert 0.0 <= r[key] <= 1.0
+            batch_columns = [
+                r["class_homogeneous"],
+                r["nuisance_homogeneous"],
+                r["skewed_batch"],
+            ]
+            if name != "batch":  # per-sample rows ignore the evaluation batch
+                assert batch_columns == [r["accuracy"]] * 3, name
+            assert r["class_distance"] > 0 and r["nuisance_distance"] > 0
+    # the learning rate chosen on the held-out split, scaled at batch 8
+    best = table["short b32"]["batch"][0]["learning_rate"]
+    by_rate = {float(k): v for k, v in grid["batch"].items()}
+    assert best == ablation.choose_learning_rate(by_rate)
+    assert table["short b8"]["batch"][0]["learning_rate"] == pytest.approx(
+        best * 8 / 32
+    )
+    assert "mix_weight" in table["short b32"]["mix"][0]
+    markdown = (tmp_path / "results.md").read_text()
+    section = markdown.split("## 7. Ablation")[1]
+    assert "| layer_chw | sample | — | — | sample |" in section
+    for heading in ("### short budget", "### long budget", "batch 8"):
+        assert heading in section
+    assert "one seed: no interval" in section and "learned α" in section
+    err = capsys.readouterr().err
+    assert re.search(r"ablation_mix_short_b8_s0: test accuracy [\d.]+%", err)
+
+
+def test_nuisance_batches_match_the_target_distance_without_class():
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(400, 4, 4, 3)) + rng.normal(size=(400, 1, 1, 1))
+    for target in (0.1, 0.4):
+        batches, info = ablation.nuisance_homogeneous_batches(images, target, 50, 0)
+        covered = np.sort(batches.indices[batches.mask])
+        np.testing.assert_array_equal(covered, np.arange(400))
+        assert info["distance"] == pytest.approx(
+            ablation.batch_distance(images, batches)
+        )
+        assert abs(info["distance"] - target) < 0.05
+    # brightness alone: the brightest batch holds the brightest images
+    batches, info = ablation.nuisance_homogeneous_batches(images, 10.0, 50, 0)
+    assert info["brightness_fraction"] == 1.0
+    brightness = images.mean((1, 2, 3))
+    assert set(batches.indices[-1]) == set(np.argsort(brightness)[-50:])
+
+
+def test_learning_rate_choice_skips_diverged_runs_and_prefers_smaller_on_ties():
+    records = {
+        0.1: {"holdout_accuracy": 0.5, "train_loss": 1.0},
+        0.4: {"holdout_accuracy": 0.7, "train_loss": float("nan")},
+        0.2: {"holdout_accuracy": 0.5, "train_loss": 1.0},
+    }
+    assert ablation.choose_learning_rate(records) == 0.1
+    records[0.2]["holdout_accuracy"] = 0.6
+    assert ablation.choose_learning_rate(records) == 0.2
+
+
+@pytest.mark.slow  # 17 models initialized
+def test_ablation_rows_build_their_models():
+    from experiments import cifar as cifar_experiment
+
+    config = configs.get_config("quick")
+    study = runs.Study(config, pathlib.Path("unused"))
+    for name in config.ablation_rows:
+        run = ablation.run_config(
+            study, name, 0, learning_rate=0.1, epochs=1.0, batch_size=8
+        )
+        model, _ = cifar_experiment.build_model(run)
+        x = np.random.default_rng(0).normal(size=(64, 32, 32, 3)).astype(np.float32)
+        variables = model.init(jax.random.key(0), x, train=False)
+        assert variables["params"], name
+    with pytest.raises(ValueError, match="unknown ablation rows"):
+        config.ablation_rows = ("batch", "batchh")
+        ablation.selected_rows(config)
 
 
 def test_norm_input_statistics_are_each_norm_layers_input():

@@ -17,7 +17,7 @@ from experiments.configs import cifar as cifar_configs
 from experiments.configs import select
 from experiments.configs import text as text_configs
 
-PARTS = ("probe", "stats", "sweep", "text")
+PARTS = ("probe", "stats", "sweep", "text", "ablation_lr", "ablation")
 
 
 def base() -> ml_collections.ConfigDict:
@@ -82,6 +82,49 @@ def base() -> ml_collections.ConfigDict:
     config.text_small_batch_size = 4  # the headline's small-batch text runs
     config.headline_small_batch = 8  # the headline's small-batch CIFAR column
 
+    # 7. The ablation: batch norm taken apart (experiments.priors.ablation).
+    # Part ablation_lr: each row's learning rate from this grid, by accuracy on
+    # ablation_holdout training images held out, at the short budget; part
+    # ablation: every row at each budget (epochs) and seed, batch
+    # ablation_batch_size, and the small-batch rows at ablation_small_batch.
+    config.ablation_rows = (
+        "batch",
+        "ghost4",
+        "ghost16",
+        "ghost64",
+        "renorm_free",
+        "population",
+        "reference",
+        "online",
+        "mix",
+        "batch_group",
+        "instance",
+        "group8",
+        "layer_chw",
+        "layer_pixel",
+        "none",
+        "none_wn",
+        "prior",
+    )
+    config.ablation_learning_rates = (0.2, 0.4, 0.8)
+    config.ablation_holdout = 5000
+    config.ablation_lr_seed = 0
+    config.ablation_budgets = ml_collections.ConfigDict({"short": 2.0, "long": 6.0})
+    config.ablation_batch_size = 256
+    config.ablation_small_batch = 8
+    config.ablation_small_batch_rows = (
+        "batch",
+        "ghost4",
+        "online",
+        "mix",
+        "reference",
+        "group8",
+    )
+    config.ablation_small_batch_budgets = ("short",)
+    config.ablation_train_subset = ml_collections.FieldReference(None, field_type=int)
+    config.ablation_renorm_warmup = 100  # steps of batch norm before r, d unclipped
+    config.ablation_single_images = 64  # evaluated one at a time as a check
+
     config.cifar = cifar_configs.quick()
     config.text = text_configs.quick()
     return config
@@ -120,6 +163,10 @@ def full() -> ml_collections.ConfigDict:
     config.text = text_configs.full()
     config.context_lengths = (256, 1024, 4096)
     config.context_tokens_per_step = 64 * 256
+    config.ablation_learning_rates = (0.05, 0.1, 0.2, 0.4)
+    config.ablation_budgets = ml_collections.ConfigDict({"short": 30.0, "long": 160.0})
+    config.ablation_small_batch_budgets = ("short", "long")
+    config.ablation_renorm_warmup = 2000
     return config
 
 
@@ -153,6 +200,15 @@ def smoke() -> ml_collections.ConfigDict:
     config.context_tokens_per_step = 16  # B = 2 at L = 8, 1 at L = 16
     config.text_small_batch_size = 2
     config.headline_small_batch = 4
+    config.ablation_rows = ("batch", "layer_chw", "mix", "none_wn")
+    config.ablation_learning_rates = (0.1, 0.4)
+    config.ablation_holdout = 100
+    config.ablation_batch_size = 32
+    config.ablation_train_subset = 356  # 256 after the held-out 100
+    config.ablation_budgets = ml_collections.ConfigDict({"short": 0.25, "long": 0.5})
+    config.ablation_small_batch_rows = ("batch", "mix")
+    config.ablation_renorm_warmup = 2
+    config.ablation_single_images = 8
     return config
 
 
@@ -169,6 +225,8 @@ KEYS = {
     "text_norms": "norms (NAME or NAME:CAUSAL) of the text comparison",
     "context_lengths": "context lengths of the text context sweep",
     "restore_from": "a results.json whose finished text runs are restored",
+    "ablation_rows": "rows of the ablation (parts ablation_lr, ablation)",
+    "ablation_budgets": "the ablation's short and long budgets, in epochs",
     "cifar.num_epochs": "epochs of each CIFAR run (every cifar.* key applies)",
     "text.num_steps": "steps of each text run (every text.* key applies)",
 }

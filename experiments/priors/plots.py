@@ -11,7 +11,7 @@ import numpy as np
 from experiments.priors.report import mean_std, probe_columns, seed_values
 from experiments.priors.text import as_trained, text_key
 
-PLOTS = ("sweep.png", "probe.png", "stats.png", "text.png")
+PLOTS = ("sweep.png", "probe.png", "stats.png", "text.png", "ablation.png")
 
 
 def legend(ax: Any, **kwargs: Any) -> None:
@@ -139,3 +139,40 @@ def write_plots(
     legend(axes[1])
     fig.tight_layout()
     fig.savefig(workdir / "text.png", dpi=100)
+    write_ablation_plot(results, config, workdir / "ablation.png")
+
+
+def write_ablation_plot(
+    results: dict[str, Any], config: ml_collections.ConfigDict, path: pathlib.Path
+) -> None:
+    """ablation.png: test accuracy per row (mean ± std over seeds) for each
+    (budget, batch size), and with each sample's offset erased (hollow)."""
+    from matplotlib.figure import Figure
+
+    table = results.get("ablation", {})
+    settings = list(table) or ["(no finished runs)"]
+    rows = list(config.ablation_rows)
+    fig = Figure(figsize=(5 * len(settings), 0.35 * len(rows) + 1.5))
+    axes = np.atleast_1d(fig.subplots(1, len(settings), sharey=True))
+    y = np.arange(len(rows))
+    for ax, setting in zip(axes, settings, strict=True):
+        per_row = table.get(setting, {})
+        for key, style in (("accuracy", "o"), ("accuracy_offset_erased", "s")):
+            stats = [mean_std(seed_values(per_row.get(r, {}), key)) for r in rows]
+            ax.errorbar(
+                [100 * m for m, _, _ in stats],
+                y + (0.15 if key != "accuracy" else 0.0),
+                xerr=[100 * s for _, s, _ in stats],
+                fmt=style,
+                mfc="none" if key != "accuracy" else None,
+                capsize=2,
+                label="test" if key == "accuracy" else "offset erased",
+            )
+        ax.set_title(setting, fontsize=9)
+        ax.set_xlabel("accuracy (%)")
+        ax.grid(alpha=0.3)
+    axes[0].set_yticks(y, rows, fontsize=8)
+    axes[0].invert_yaxis()
+    legend(axes[-1], fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)

@@ -19,7 +19,7 @@ try:
 except ImportError:  # not POSIX: no run locks, run one study process at a time
     fcntl = None  # type: ignore[assignment]
 
-PARTS = ("probe", "stats", "sweep", "text")
+PARTS = ("probe", "stats", "sweep", "text", "ablation_lr", "ablation")
 
 
 def parts_of(config: ml_collections.ConfigDict) -> set[str]:
@@ -103,6 +103,13 @@ def headline(part: str, record: dict[str, Any]) -> str:
         return (
             f"test accuracy {record['running']:.2%} (running), "
             f"{record['precise']:.2%} (precise)"
+        )
+    if part == "ablation_lr":
+        return f"held-out accuracy {record['holdout_accuracy']:.2%}"
+    if part == "ablation":
+        return (
+            f"test accuracy {record['accuracy']:.2%}, offset erased "
+            f"{record['accuracy_offset_erased']:.2%}"
         )
     bits = record.get("val_bits_per_byte")
     batch = record.get("val_bits_per_byte_batch")

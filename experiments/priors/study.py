@@ -13,6 +13,7 @@ from typing import Any
 import ml_collections
 
 from experiments import common
+from experiments.priors import ablation
 from experiments.priors.cifar_eval import probe_run, sweep_run
 from experiments.priors.plots import write_plots
 from experiments.priors.report import machine, write_markdown
@@ -46,11 +47,19 @@ def run_study(
         registry.entry(name)
     for variant in [*config.text_norms, *config.context_norms]:
         registry.entry(variant.partition(":")[0])
+    ablation.selected_rows(config)  # an unknown row, named, before any run
     parts = parts_of(config)
     study = Study(config, pathlib.Path(workdir))
     study.workdir.mkdir(parents=True, exist_ok=True)
     seeds = seeds_of(config)
-    results: dict[str, Any] = {"probe": {}, "stats": {}, "sweep": {}, "text": {}}
+    results: dict[str, Any] = {
+        "probe": {},
+        "stats": {},
+        "sweep": {},
+        "text": {},
+        "ablation_lr": {},
+        "ablation": {},
+    }
     # Text runs (finished or not) by directory: reused runs count once.
     text_runs: dict[pathlib.Path, bool] = {}
 
@@ -130,6 +139,9 @@ def run_study(
                 )
             )
 
+    # 7. The ablation, last: the longest part.
+    jobs += ablation.jobs(study, parts, seeds, results)
+
     progress = Progress(jobs)
     for job in jobs:
         record = run_or_read(job.record, job.run_now, progress.timed(job))
@@ -153,6 +165,11 @@ def run_study(
             "text": f"{sum(text_runs.values())}/{len(text_runs)}",
         },
     }
+    for part in ("ablation_lr", "ablation"):
+        mine = [job for job in jobs if job.part == part]
+        if mine:
+            done = sum(job.done() for job in mine)
+            header["finished_runs"][part] = f"{done}/{len(mine)}"
     finished = ", ".join(f"{k} {v}" for k, v in header["finished_runs"].items())
     print(f"[priors] finished runs on disk: {finished}", flush=True)
     out = {
