@@ -23,6 +23,7 @@ import json
 import math
 import pathlib
 import warnings
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import jax
@@ -172,18 +173,13 @@ class TextTask:
                 f"eval_batch_size={size} must be a multiple of the "
                 f"{jax.device_count()} devices."
             )
-        token_bytes = np.asarray(self.tokenizer.token_bytes)
         variables = state.variables()
         precise = None
         if "precise" in self.config.eval_sources:
             precise = self.precise_stats(evaluator.model, variables)
-        buckets = text.position_buckets(self.config.max_len)
         out: dict[str, float] = {}
         self.loss_by_position = {}
         for i, source in enumerate(self.config.eval_sources):
-            nats, tokens, nbytes = 0.0, 0, 0
-            bucket_nats = np.zeros(len(buckets))
-            bucket_count = np.zeros(len(buckets))
             if source == "batch":
                 batch_size = self.config.batch_eval_batch_size or self.config.batch_size
                 if batch_size % jax.device_count():
@@ -204,41 +200,65 @@ class TextTask:
                 windows = text.eval_windows(
                     self.val_ids, self.config.max_len, self.stride, size
                 )
-            for batch in windows:
-                logits = np.asarray(
-                    evaluator(
-                        variables,
-                        {"inputs": batch["inputs"], "mask": batch["mask"]},
-                        source=source,
-                        precise_stats=precise,
-                        example_weight=1.0 / self.config.batch_size,
-                    ),
-                    np.float64,
+
+            def logits_of(batch: dict[str, np.ndarray], source: str = source) -> Any:
+                return evaluator(
+                    variables,
+                    {"inputs": batch["inputs"], "mask": batch["mask"]},
+                    source=source,
+                    precise_stats=precise,
+                    example_weight=1.0 / self.config.batch_size,
                 )
-                weights = batch["weights"]
-                top = logits.max(-1, keepdims=True)
-                lse = np.log(np.exp(logits - top).sum(-1)) + top[..., 0]
-                picked = np.take_along_axis(logits, batch["targets"][..., None], -1)
-                nll = lse - picked[..., 0]
-                nats += float(np.sum(nll[weights]))
-                tokens += int(weights.sum())
-                nbytes += int(token_bytes[batch["targets"][weights]].sum())
-                for j, (lo, hi) in enumerate(buckets):
-                    valid = batch["mask"][:, lo:hi]
-                    bucket_nats[j] += float(np.sum(nll[:, lo:hi][valid]))
-                    bucket_count[j] += int(valid.sum())
+
+            scores = self.score(windows, logits_of)
             suffix = "" if i == 0 else f"_{source}"
-            out[f"val_loss{suffix}"] = nats / tokens
-            out[f"val_bits_per_byte{suffix}"] = text.bits_per_byte(nats, nbytes)
-            self.loss_by_position[source] = {
+            out[f"val_loss{suffix}"] = scores["loss"]
+            out[f"val_bits_per_byte{suffix}"] = scores["bits_per_byte"]
+            self.loss_by_position[source] = scores["loss_by_position"]
+            tokens, nbytes = scores["tokens"], scores["bytes"]
+        out["val_tokens"] = tokens
+        out["val_bytes"] = nbytes
+        return out
+
+    def score(
+        self,
+        windows: Iterable[dict[str, np.ndarray]],
+        logits_of: Callable[[dict[str, np.ndarray]], Any],
+    ) -> dict[str, Any]:
+        """Loss per scored token, bits per byte and the loss by position bucket
+        of ``logits_of(batch)`` over evaluation ``windows``
+        (``text.eval_windows``)."""
+        token_bytes = np.asarray(self.tokenizer.token_bytes)
+        buckets = text.position_buckets(self.config.max_len)
+        nats, tokens, nbytes = 0.0, 0, 0
+        bucket_nats = np.zeros(len(buckets))
+        bucket_count = np.zeros(len(buckets))
+        for batch in windows:
+            logits = np.asarray(logits_of(batch), np.float64)
+            weights = batch["weights"]
+            top = logits.max(-1, keepdims=True)
+            lse = np.log(np.exp(logits - top).sum(-1)) + top[..., 0]
+            picked = np.take_along_axis(logits, batch["targets"][..., None], -1)
+            nll = lse - picked[..., 0]
+            nats += float(np.sum(nll[weights]))
+            tokens += int(weights.sum())
+            nbytes += int(token_bytes[batch["targets"][weights]].sum())
+            for j, (lo, hi) in enumerate(buckets):
+                valid = batch["mask"][:, lo:hi]
+                bucket_nats[j] += float(np.sum(nll[:, lo:hi][valid]))
+                bucket_count[j] += int(valid.sum())
+        return {
+            "loss": nats / tokens,
+            "bits_per_byte": text.bits_per_byte(nats, nbytes),
+            "tokens": tokens,
+            "bytes": nbytes,
+            "loss_by_position": {
                 f"{lo}-{hi - 1}": float(n / max(c, 1))
                 for (lo, hi), n, c in zip(
                     buckets, bucket_nats, bucket_count, strict=True
                 )
-            }
-        out["val_tokens"] = tokens
-        out["val_bytes"] = nbytes
-        return out
+            },
+        }
 
     def precise_stats(self, model: models.Transformer, variables: Any) -> Any:
         """Population statistics recomputed over the first
@@ -319,8 +339,12 @@ class TextTask:
         }
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Builds the tokenizer, model and task and trains; returns the summary."""
+def train(
+    config: ml_collections.ConfigDict, workdir: str
+) -> tuple[dict[str, Any], models.Transformer, TextTask, TrainState]:
+    """Builds the tokenizer, model and task and trains (or resumes, or restores
+    a finished run); returns the summary, the model, the task and the final
+    state."""
     # A wrong norm, norm option or causal mode, or another run's workdir: said
     # before the tokenizer is read or trained.
     registry.make_norm(
@@ -329,12 +353,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     check_config(workdir, config)
     task = TextTask(config, workdir)
     model = build_model(config, task.tokenizer.vocab_size)
-    summary = train_and_evaluate(config, workdir, model, task)
+    summary, state = train_and_evaluate(config, workdir, model, task, return_state=True)
     if summary.get("examples_per_second"):
         summary["tokens_per_second"] = summary["examples_per_second"] * config.max_len
         path = pathlib.Path(workdir) / "summary.json"
         path.write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    return summary, model, task, state
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Builds the tokenizer, model and task and trains; returns the summary."""
+    return train(config, workdir)[0]
 
 
 def main() -> None:

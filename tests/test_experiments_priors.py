@@ -7,13 +7,14 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import tfds_data
 
 from experiments import priors
 from experiments.configs import priors as configs
-from experiments.priors import ablation, cifar_eval, report, runs
+from experiments.priors import ablation, ablation_text, cifar_eval, report, runs
 from experiments.priors import text as priors_text
 from normjax.models import FastCNN, max_pool_2x2
 
@@ -35,7 +36,8 @@ def test_smoke_study_writes_every_table_and_plot_and_resumes(
 ):
     config = configs.get_config("smoke")
     config.data_dir = CIFAR_DIR
-    config.ablation_rows = ()  # the ablation has its own test
+    config.ablation_rows = ()  # the ablations have their own tests
+    config.ablation_text_norms = ()
     results = priors.run_study(config, str(tmp_path))
     # progress: one bar over the 13 runs, a line per finished run with its number
     err = capsys.readouterr().err
@@ -171,6 +173,42 @@ def test_smoke_ablation_writes_its_tables_and_plot(tmp_path, capsys):
     assert "one seed: no interval" in section and "learned α" in section
     err = capsys.readouterr().err
     assert re.search(r"ablation_mix_short_b8_s0: test accuracy [\d.]+%", err)
+
+
+@pytest.mark.slow
+@needs_data
+def test_smoke_text_ablation_evaluates_with_a_reference_batch(tmp_path):
+    config = configs.get_config("smoke")
+    config.data_dir = CIFAR_DIR
+    config.parts = "ablation_text"
+    config.ablation_text_norms = ("layer", "batch")
+    results = priors.run_study(config, str(tmp_path))
+    assert results["header"]["finished_runs"]["ablation_text"] == "4/4"
+    table = results["ablation_text"]
+    assert set(table) == {"layer", "batch"} and set(table["batch"]) == {"8", "16"}
+    batch = table["batch"]["8"][0]
+    assert batch["val_bits_per_byte_reference"] > 0
+    assert set(batch["val_loss_by_position"]) >= {"running", "batch", "reference"}
+    assert "val_bits_per_byte_reference" not in table["layer"]["8"][0]
+    # the text study's own run directories (reused by part text)
+    assert (tmp_path / "runs" / "text_batch_byte_L8_b2_s0" / "summary.json").exists()
+    section = (tmp_path / "results.md").read_text().split("## 8. Text ablation")[1]
+    assert "| batch | reference batch |" in section
+
+
+def test_zero_prior_zeroes_only_the_prior_offsets():
+    params = {
+        "block": {
+            "norm": {
+                "prior_mean": jnp.ones(3),
+                "prior_scale": jnp.ones(3),
+                "scale": jnp.ones(3),
+            }
+        }
+    }
+    zeroed = ablation_text.zero_prior(params)["block"]["norm"]
+    assert float(zeroed["prior_mean"].sum()) == 0 == float(zeroed["prior_scale"].sum())
+    assert float(zeroed["scale"].sum()) == 3
 
 
 def test_nuisance_batches_match_the_target_distance_without_class():

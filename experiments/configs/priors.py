@@ -17,7 +17,15 @@ from experiments.configs import cifar as cifar_configs
 from experiments.configs import select
 from experiments.configs import text as text_configs
 
-PARTS = ("probe", "stats", "sweep", "text", "ablation_lr", "ablation")
+PARTS = (
+    "probe",
+    "stats",
+    "sweep",
+    "text",
+    "ablation_lr",
+    "ablation",
+    "ablation_text",
+)
 
 
 def base() -> ml_collections.ConfigDict:
@@ -124,6 +132,10 @@ def base() -> ml_collections.ConfigDict:
     config.ablation_train_subset = ml_collections.FieldReference(None, field_type=int)
     config.ablation_renorm_warmup = 100  # steps of batch norm before r, d unclipped
     config.ablation_single_images = 64  # evaluated one at a time as a check
+    # 8. The text ablation (part ablation_text; experiments.priors.ablation_text)
+    # at each of context_lengths, context_tokens_per_step tokens per step.
+    config.ablation_text_norms = ("layer", "batch", "batch:running", "prior", "mix")
+    config.ablation_text_reference = 15  # training windows in the reference batch
 
     config.cifar = cifar_configs.quick()
     config.text = text_configs.quick()
@@ -209,6 +221,8 @@ def smoke() -> ml_collections.ConfigDict:
     config.ablation_small_batch_rows = ("batch", "mix")
     config.ablation_renorm_warmup = 2
     config.ablation_single_images = 8
+    config.ablation_text_norms = ("layer", "batch", "prior")
+    config.ablation_text_reference = 3
     return config
 
 
@@ -227,6 +241,7 @@ KEYS = {
     "restore_from": "a results.json whose finished text runs are restored",
     "ablation_rows": "rows of the ablation (parts ablation_lr, ablation)",
     "ablation_budgets": "the ablation's short and long budgets, in epochs",
+    "ablation_text_norms": "rows of the text ablation (part ablation_text)",
     "cifar.num_epochs": "epochs of each CIFAR run (every cifar.* key applies)",
     "text.num_steps": "steps of each text run (every text.* key applies)",
 }

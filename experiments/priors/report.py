@@ -324,6 +324,7 @@ def write_markdown(
             f"{fmt(little, scale, digits)} |"
         )
     lines += ablation_section(results, config)
+    lines += ablation_text_section(results, config)
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -475,6 +476,103 @@ def ablation_section(
                 "(mean over runs).",
             ]
     return lines
+
+
+def ablation_text_section(
+    results: dict[str, Any], config: ml_collections.ConfigDict
+) -> list[str]:
+    """Section 8: the text ablation, bits per byte by context length with every
+    evaluation, and each row against layer norm, paired by seed."""
+    if not config.ablation_text_norms:
+        return []
+    table = results.get("ablation_text", {})
+    lengths = [str(n) for n in sorted(config.context_lengths)]
+    tokens = config.context_tokens_per_step
+    lines = [
+        "",
+        "## 8. Text ablation: where the statistics come from",
+        "",
+        f"Validation bits per byte (byte tokenizer, {tokens} tokens per step), "
+        "mean ± std over seeds: population (running) / precise population / "
+        "leak-free batch / reference batch (each window with "
+        f"{config.ablation_text_reference} training windows).",
+        "",
+        "| row | " + " | ".join(f"L={n}" for n in lengths) + " |",
+        "| --- |" + " --- |" * len(lengths),
+    ]
+    keys = (
+        "val_bits_per_byte",
+        "val_bits_per_byte_precise",
+        "val_bits_per_byte_batch",
+        "val_bits_per_byte_reference",
+    )
+    for variant in config.ablation_text_norms:
+        cells = []
+        for n in lengths:
+            per_seed = table.get(variant, {}).get(n, {})
+            parts = [fmt(seed_values(per_seed, k), 1, 3) for k in keys]
+            cells.append(" / ".join(parts) + f" (n={len(per_seed)})")
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Each row minus layer norm, as trained (the evaluation that normalizes as "
+        "training did), and with population statistics; paired by seed, mean "
+        "[95 % t-interval] (per seed):",
+        "",
+        "| row | evaluation | " + " | ".join(f"L={n}" for n in lengths) + " |",
+        "| --- | --- |" + " --- |" * len(lengths),
+    ]
+    for variant in config.ablation_text_norms:
+        if variant == "layer":
+            continue
+        for label, key in (
+            ("as trained", as_trained(variant)),
+            ("population", "val_bits_per_byte"),
+            ("reference batch", "val_bits_per_byte_reference"),
+        ):
+            cells = []
+            for n in lengths:
+                if key == "val_bits_per_byte_reference":
+                    cells.append(_reference_vs_layer(table, variant, n))
+                    continue
+                mine = table.get(variant, {}).get(n, {})
+                layer = table.get("layer", {}).get(n, {})  # per sample: any source
+                cells.append(difference_cell(paired_difference(mine, layer, key)))
+            if all(c == "—" for c in cells):
+                continue
+            lines.append(f"| {variant} | {label} | " + " | ".join(cells) + " |")
+    zeroed = [
+        (variant, n, seed, r)
+        for variant in config.ablation_text_norms
+        for n in lengths
+        for seed, r in table.get(variant, {}).get(n, {}).items()
+        if "prior_zeroed" in r
+    ]
+    if zeroed:
+        lines += ["", "`prior` with its learned offsets zeroed after training:", ""]
+    for variant, n, seed, r in zeroed:
+        lines.append(
+            f"- {variant}, L={n}, seed {seed}: offsets zeroed "
+            f"{r.get('prior_zeroed', float('nan')):.3f} (population), "
+            f"{r.get('prior_zeroed_batch', float('nan')):.3f} (batch) "
+            f"bits per byte; trained {r['val_bits_per_byte']:.3f}, "
+            f"{r.get('val_bits_per_byte_batch') or float('nan'):.3f}"
+        )
+    return lines
+
+
+def _reference_vs_layer(table: dict[str, Any], variant: str, n: str) -> str:
+    """The row evaluated with the reference batch minus layer norm as trained."""
+    a = {
+        s: {"v": r["val_bits_per_byte_reference"]}
+        for s, r in table.get(variant, {}).get(n, {}).items()
+        if r.get("val_bits_per_byte_reference") is not None
+    }
+    b = {
+        s: {"v": r.get(as_trained("layer"))}
+        for s, r in table.get("layer", {}).get(n, {}).items()
+    }
+    return difference_cell(paired_difference(a, b, "v")) if a else "—"
 
 
 def text_section(results: dict[str, Any], config: ml_collections.ConfigDict) -> list:

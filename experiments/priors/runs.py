@@ -19,7 +19,15 @@ try:
 except ImportError:  # not POSIX: no run locks, run one study process at a time
     fcntl = None  # type: ignore[assignment]
 
-PARTS = ("probe", "stats", "sweep", "text", "ablation_lr", "ablation")
+PARTS = (
+    "probe",
+    "stats",
+    "sweep",
+    "text",
+    "ablation_lr",
+    "ablation",
+    "ablation_text",
+)
 
 
 def parts_of(config: ml_collections.ConfigDict) -> set[str]:
@@ -110,6 +118,11 @@ def headline(part: str, record: dict[str, Any]) -> str:
         return (
             f"test accuracy {record['accuracy']:.2%}, offset erased "
             f"{record['accuracy_offset_erased']:.2%}"
+        )
+    if part == "ablation_text" and "val_bits_per_byte_reference" in record:
+        return (
+            f"val bits/byte {record['val_bits_per_byte']:.3f} (population), "
+            f"{record['val_bits_per_byte_reference']:.3f} (reference batch)"
         )
     bits = record.get("val_bits_per_byte")
     batch = record.get("val_bits_per_byte_batch")

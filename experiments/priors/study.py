@@ -13,7 +13,7 @@ from typing import Any
 import ml_collections
 
 from experiments import common
-from experiments.priors import ablation
+from experiments.priors import ablation, ablation_text
 from experiments.priors.cifar_eval import probe_run, sweep_run
 from experiments.priors.plots import write_plots
 from experiments.priors.report import machine, write_markdown
@@ -59,6 +59,7 @@ def run_study(
         "text": {},
         "ablation_lr": {},
         "ablation": {},
+        "ablation_text": {},
     }
     # Text runs (finished or not) by directory: reused runs count once.
     text_runs: dict[pathlib.Path, bool] = {}
@@ -141,6 +142,7 @@ def run_study(
 
     # 7. The ablation, last: the longest part.
     jobs += ablation.jobs(study, parts, seeds, results)
+    jobs += ablation_text.jobs(study, parts, seeds, results)
 
     progress = Progress(jobs)
     for job in jobs:
@@ -165,7 +167,7 @@ def run_study(
             "text": f"{sum(text_runs.values())}/{len(text_runs)}",
         },
     }
-    for part in ("ablation_lr", "ablation"):
+    for part in ("ablation_lr", "ablation", "ablation_text"):
         mine = [job for job in jobs if job.part == part]
         if mine:
             done = sum(job.done() for job in mine)

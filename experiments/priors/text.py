@@ -43,7 +43,6 @@ def text_run(
     batch_size: int | None = None,
 ) -> dict[str, Any]:
     """One text run (``variant`` is a norm name, optionally ``:causal-mode``)."""
-    norm, _, causal = variant.partition(":")
     workdir = study.text_dir(
         variant, tokenizer, seed, max_len=max_len, batch_size=batch_size
     )
@@ -51,6 +50,24 @@ def text_run(
     if path.exists():
         return read_json(path)
     print(f"[priors] text run: {workdir.name}", flush=True)
+    run = text_config(
+        study, variant, tokenizer, seed, max_len=max_len, batch_size=batch_size
+    )
+    return text_experiment.run(run, str(workdir))
+
+
+def text_config(
+    study: Study,
+    variant: str,
+    tokenizer: str,
+    seed: int,
+    *,
+    max_len: int | None = None,
+    batch_size: int | None = None,
+) -> ml_collections.ConfigDict:
+    """The text preset of the study with the run's norm (``variant``: a norm
+    name, optionally ``:causal-mode``), tokenizer, seed, context and batch."""
+    norm, _, causal = variant.partition(":")
     run = ml_collections.ConfigDict(study.config.text.to_dict())
     run.data_dir = study.config.data_dir
     run.norm, run.tokenizer, run.seed = norm, tokenizer, seed
@@ -60,7 +77,7 @@ def text_run(
         run.max_len = max_len
     if batch_size is not None:
         run.batch_size = batch_size
-    return text_experiment.run(run, str(workdir))
+    return run
 
 
 def text_jobs(
