@@ -150,12 +150,13 @@ def test_smoke_ablation_writes_its_tables_and_plot(tmp_path, capsys):
             for key in ("accuracy", "precise", "accuracy_offset_erased"):
                 assert 0.0 <= r[key] <= 1.0
             batch_columns = [
+                r["random_batch"],
                 r["class_homogeneous"],
                 r["nuisance_homogeneous"],
                 r["skewed_batch"],
             ]
             if name != "batch":  # per-sample rows ignore the evaluation batch
-                assert batch_columns == [r["accuracy"]] * 3, name
+                assert batch_columns == [r["accuracy"]] * 4, name
             assert r["class_distance"] > 0 and r["nuisance_distance"] > 0
     # the learning rate chosen on the held-out split, scaled at batch 8
     best = table["short b32"]["batch"][0]["learning_rate"]
@@ -227,6 +228,36 @@ def test_nuisance_batches_match_the_target_distance_without_class():
     assert info["brightness_fraction"] == 1.0
     brightness = images.mean((1, 2, 3))
     assert set(batches.indices[-1]) == set(np.argsort(brightness)[-50:])
+
+
+def test_a_diverged_grid_point_is_recorded_and_ranks_last(tmp_path, monkeypatch):
+    config = configs.get_config("smoke")
+    study = runs.Study(config, tmp_path)
+
+    def diverges(run, workdir):
+        raise FloatingPointError("training diverged: the mean loss is nan")
+
+    monkeypatch.setattr(ablation.cifar_experiment, "train", diverges)
+    record = ablation.lr_run(study, "batch", 0.4)
+    assert record["diverged"] and np.isnan(record["train_loss"])
+    assert ablation.lr_run(study, "batch", 0.4)["diverged"]  # read, not rerun
+    runs.write_json(
+        ablation.lr_dir(study, "batch", 0.1) / "lr.json",
+        {"holdout_accuracy": 0.2, "train_loss": 2.0},
+    )
+    assert ablation.best_learning_rate(study, "batch") == 0.1
+    markdown = report.ablation_section(
+        {
+            "ablation_lr": {
+                "batch": {
+                    "0.1": {"holdout_accuracy": 0.2, "train_loss": 2},
+                    "0.4": record,
+                }
+            }
+        },
+        config,
+    )
+    assert any("| batch | 20.00 | diverged | 0.1 (grid edge) |" in x for x in markdown)
 
 
 def test_learning_rate_choice_skips_diverged_runs_and_prefers_smaller_on_ties():

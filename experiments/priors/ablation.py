@@ -51,15 +51,24 @@ class Row:
     granularity: str = "channel"
 
 
-def rows(config: ml_collections.ConfigDict) -> dict[str, Row]:
-    """Every row the ablation knows, by name (``config.ablation_rows`` picks)."""
-    warmup = int(config.ablation_renorm_warmup)
+def rows(
+    config: ml_collections.ConfigDict, batch_size: int | None = None
+) -> dict[str, Row]:
+    """Every row the ablation knows, by name (``config.ablation_rows`` picks).
+    ``batch_size`` (default the ablation's): batch renorm's warm-up, given in
+    steps at the ablation's batch size, covers the same number of images."""
+    scale = config.ablation_batch_size / (batch_size or config.ablation_batch_size)
+    warmup = max(1, round(config.ablation_renorm_warmup * scale))
     free = 1e6  # r and d unclipped (finite: the relaxation ramp multiplies it)
     return {
         "batch": Row("batch", {}, False, "batch", "yes", "yes"),
         "ghost4": Row("ghost_batch", {"ghost_batch_size": 4}, False, "ghost 4", "yes"),
-        "ghost16": Row("ghost_batch", {"ghost_batch_size": 16}, False, "ghost 16"),
-        "ghost64": Row("ghost_batch", {"ghost_batch_size": 64}, False, "ghost 64"),
+        "ghost16": Row(
+            "ghost_batch", {"ghost_batch_size": 16}, False, "ghost 16", "yes", "yes"
+        ),
+        "ghost64": Row(
+            "ghost_batch", {"ghost_batch_size": 64}, False, "ghost 64", "yes", "yes"
+        ),
         "renorm_free": Row(
             "batch_renorm",
             {"r_max": free, "d_max": free, "relax": (warmup, warmup + 1, warmup + 1)},
@@ -124,8 +133,12 @@ def run_config(
     holdout: int = 0,
 ) -> ml_collections.ConfigDict:
     c = study.config
-    row = selected_rows(c)[name]
+    row = rows(c, batch_size)[name]
     run = cifar_config(c, row.norm, seed)
+    if batch_size != c.ablation_batch_size and run.norm_momentum is not None:
+        # Running averages over the same number of images as at the ablation's
+        # batch size (momentum per step m -> m ** (B / B_ablation)).
+        run.norm_momentum = run.norm_momentum ** (batch_size / c.ablation_batch_size)
     run.norm_kwargs = ml_collections.ConfigDict(dict(row.options))
     run.weight_norm = row.weight_norm
     run.batch_size = batch_size
@@ -168,11 +181,17 @@ def lr_run(study: Study, name: str, lr: float) -> dict[str, Any]:
         name,
         c.ablation_lr_seed,
         learning_rate=lr,
-        epochs=c.ablation_budgets["short"],
+        epochs=c.ablation_budgets[budgets(c)[0]],
         batch_size=c.ablation_batch_size,
         holdout=c.ablation_holdout,
     )
-    summary, *_ = cifar_experiment.train(run, str(path.parent))
+    try:
+        summary, *_ = cifar_experiment.train(run, str(path.parent))
+    except FloatingPointError as error:  # a diverged grid point ranks last
+        print(f"[priors] {path.parent.name}: {error}", flush=True)
+        record = {"holdout_accuracy": float("nan"), "train_loss": float("nan")}
+        write_json(path, {**record, "diverged": True})
+        return read_json(path)
     record = {
         "holdout_accuracy": float(summary["test_accuracy"]),
         "train_loss": final_train_loss(path.parent),
@@ -257,7 +276,8 @@ def _norm_inputs(
     population: dict[str, tuple[jax.Array, jax.Array]] | None,
 ) -> tuple[jax.Array, dict[str, tuple[jax.Array, jax.Array]]]:
     """The model's logits (evaluation mode), and each norm layer's input
-    channel mean and mean square over (batch, space). With ``population``
+    channel mean over (batch, space) and mean within-sample variance. With
+    ``population``
     ({path: (mean, std)} per channel) every sample's per-channel mean and std
     at each norm input are first replaced by the population's."""
     types = norm_types()
@@ -268,10 +288,11 @@ def _norm_inputs(
         if context.method_name == "__call__" and isinstance(module, types):
             path = "/".join(module.path)
             x = args[0]
-            axes = tuple(range(x.ndim - 1))
-            seen[path] = (x.mean(axes), jnp.square(x).mean(axes))
+            space = tuple(range(1, x.ndim - 1))
+            # the channel's mean, and its within-sample variance (over space)
+            # averaged over the samples: a typical sample's spread
+            seen[path] = (x.mean(tuple(range(x.ndim - 1))), x.var(space).mean(0))
             if population is not None and path in population:
-                space = tuple(range(1, x.ndim - 1))
                 mu = x.mean(space, keepdims=True)
                 sd = x.std(space, keepdims=True)
                 mean, std = population[path]
@@ -285,10 +306,11 @@ def _norm_inputs(
 
 
 def reliance(test_set: TestSet, count: int, batch_size: int = 500) -> dict[str, float]:
-    """Accuracy with every sample's per-channel offset (mean and std over space)
-    from the population erased at every norm input, and the population's
-    per-channel statistics of each norm input (from ``count`` training images,
-    the unmodified model) it is replaced by."""
+    """Accuracy with every sample's per-channel offset from the population
+    erased at every norm input: its mean and std over space replaced by the
+    channel's population mean and a typical sample's std (the root mean
+    within-sample variance), both from ``count`` training images through the
+    unmodified model."""
     task, data = test_set.task, test_set.task.data
     model, variables = test_set.model, test_set.variables
     plain = jax.jit(lambda v, x: _norm_inputs(model, v, x, None)[1])
@@ -305,11 +327,10 @@ def reliance(test_set: TestSet, count: int, batch_size: int = 500) -> dict[str, 
             acc[1] = acc[1] + np.asarray(m2, np.float64)
             acc[2] += 1
     population = {}
-    for path, (m1, m2, n) in sums.items():
-        mean, square = m1 / n, m2 / n
+    for path, (m1, within, n) in sums.items():
         population[path] = (
-            jnp.asarray(mean, jnp.float32),
-            jnp.asarray(np.sqrt(np.maximum(square - mean**2, 0.0)), jnp.float32),
+            jnp.asarray(m1 / n, jnp.float32),
+            jnp.asarray(np.sqrt(within / n), jnp.float32),
         )
     erased = jax.jit(lambda v, x: _norm_inputs(model, v, x, population)[0])
     y = test_set.test_y
@@ -417,6 +438,11 @@ def evaluate(
     # of the batch mean from the population's, and class-skewed batches.
     size = config.class_batch_size
     homogeneous = samplers.class_homogeneous_eval_batches(y, size, seed=seed)
+    order = np.random.default_rng([seed, 3]).permutation(n)
+    plain = samplers.eval_batches(n, size)
+    shuffled = samplers.Batches(order[plain.indices], plain.mask, plain.batch_class)
+    # the baseline of the shifted batches: random ones, same size and source
+    out["random_batch"] = _accuracy(test_set.logits(shuffled, "batch"), y)
     out["class_homogeneous"] = _accuracy(test_set.logits(homogeneous, "batch"), y)
     out["class_distance"] = batch_distance(test_set.test_x, homogeneous)
     nuisance, info = nuisance_homogeneous_batches(
@@ -513,7 +539,12 @@ def main_run(
         epochs=c.ablation_budgets[budget],
         batch_size=batch_size,
     )
-    summary, model, task, state = cifar_experiment.train(run, str(workdir))
+    try:
+        summary, model, task, state = cifar_experiment.train(run, str(workdir))
+    except FloatingPointError as error:  # recorded, not evaluated; no rerun
+        print(f"[priors] {workdir.name}: {error}", flush=True)
+        write_json(path, {"learning_rate": lr, "diverged": True})
+        return read_json(path)
     test_set = TestSet(model, task, jax.device_get(state.variables()))
     record = {
         "learning_rate": lr,

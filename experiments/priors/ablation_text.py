@@ -54,16 +54,25 @@ def uses_batch_statistics(variant: str) -> bool:
     return kind is registry.Statistics.BATCH and causal != "running"
 
 
+def needs_model(variant: str) -> bool:
+    """Whether the row is evaluated beyond its run's summary (reference batch,
+    zeroed prior offsets): then its trained model is needed."""
+    return uses_batch_statistics(variant) or variant.partition(":")[0] == "prior"
+
+
 def run_dir(
     study: Study, variant: str, seed: int, extra: dict[str, int]
 ) -> pathlib.Path:
-    """The text study's run when it has a checkpoint or does not exist yet;
-    else (restored from a results file, no checkpoint) a run of our own."""
+    """The text study's run, unless the row needs the trained model and that
+    run was restored from a results file without a checkpoint: then a run of
+    our own beside it."""
     shared = study.text_dir(variant, "byte", seed, **extra)
     restored = (shared / "summary.json").exists() and not any(
         (shared / "checkpoints").glob("*")
     )
-    return study.run_dir(f"ablation_{shared.name}") if restored else shared
+    if restored and needs_model(variant):
+        return study.run_dir(f"ablation_{shared.name}")
+    return shared
 
 
 def reference_windows(task: Any, count: int) -> np.ndarray:
@@ -119,9 +128,16 @@ def ablation_text_run(
     if path.exists():
         return read_json(path)
     print(f"[priors] text ablation: {workdir.name}", flush=True)
+    summary_path = workdir / "summary.json"
+    if not needs_model(variant) and summary_path.exists():
+        # the summary is all this row reports (possibly restored, no checkpoint)
+        record = {**text_record(read_json(summary_path)), "run": workdir.name}
+        write_json(path, record)
+        return record
     config = text_config(study, variant, "byte", seed, **extra)
     summary, model, task, state = text_experiment.train(config, str(workdir))
     record = {**text_record(summary), "run": workdir.name}
+    record["val_loss_by_position"] = dict(record.get("val_loss_by_position") or {})
     variables = state.variables()
     if uses_batch_statistics(variant):
         scores = reference_scores(

@@ -151,7 +151,7 @@ def write_ablation_plot(
 
     table = results.get("ablation", {})
     settings = list(table) or ["(no finished runs)"]
-    rows = list(config.ablation_rows)
+    rows = list(config.get("ablation_rows") or ())
     fig = Figure(figsize=(5 * len(settings), 0.35 * len(rows) + 1.5))
     axes = np.atleast_1d(fig.subplots(1, len(settings), sharey=True))
     y = np.arange(len(rows))

@@ -344,6 +344,26 @@ def _pct_difference(a: dict[Any, Any], b: dict[Any, Any], key: str) -> str:
     return difference_cell(scaled, 2)
 
 
+# Differences within an ablation row: (label, key a, key b) for a - b.
+WITHIN = (
+    ("precise − test", "precise", "accuracy"),
+    ("offset erased − test", "accuracy_offset_erased", "accuracy"),
+    ("class-hom. − random", "class_homogeneous", "random_batch"),
+    ("nuisance-hom. − random", "nuisance_homogeneous", "random_batch"),
+    ("class-hom. − nuisance-hom.", "class_homogeneous", "nuisance_homogeneous"),
+    ("skewed majority − minority", "skewed_majority", "skewed_minority"),
+    ("prior zeroed − test", "accuracy_prior_zeroed", "accuracy"),
+)
+
+
+def _within(per_seed: dict[Any, Any], a: str, b: str) -> str:
+    """``a - b`` within each seed's record, in accuracy points, with its 95 %
+    interval over seeds ('—' where the records lack the keys)."""
+    d = {s: {"d": r[a] - r[b]} for s, r in per_seed.items() if a in r and b in r}
+    zero = {s: {"d": 0.0} for s in d}
+    return _pct_difference(d, zero, "d") if d else "—"
+
+
 def ablation_section(
     results: dict[str, Any], config: ml_collections.ConfigDict
 ) -> list[str]:
@@ -351,7 +371,8 @@ def ablation_section(
     with every column, differences against batch norm paired by seed."""
     from experiments.priors.ablation import choose_learning_rate, rows
 
-    if not config.ablation_rows:
+    rows_of = tuple(config.get("ablation_rows") or ())
+    if not rows_of:
         return []
     known = rows(config)
     grid = results.get("ablation_lr", {})
@@ -362,14 +383,14 @@ def ablation_section(
         "",
         f"Learning rate per row: held-out accuracy (%) on {config.ablation_holdout} "
         f"training images after the short budget "
-        f"({config.ablation_budgets['short']:g} epochs, batch "
+        f"({min(config.ablation_budgets.values()):g} epochs, batch "
         f"{config.ablation_batch_size}, seed {config.ablation_lr_seed}); the best "
         "is used (scaled linearly with the batch size at the small batch).",
         "",
         "| row | " + " | ".join(f"lr {lr}" for lr in lrs) + " | chosen |",
         "| --- |" + " --- |" * (len(lrs) + 1),
     ]
-    for name in config.ablation_rows:
+    for name in rows_of:
         per_lr = grid.get(name, {})
         cells = []
         for lr in lrs:
@@ -382,9 +403,13 @@ def ablation_section(
                 cells.append(f"{100 * r['holdout_accuracy']:.2f}")
         chosen = None
         if len(per_lr) == len(lrs):
-            chosen = (
-                f"{choose_learning_rate({float(k): v for k, v in per_lr.items()}):g}"
+            best = choose_learning_rate({float(k): v for k, v in per_lr.items()})
+            grid_ends = (
+                min(config.ablation_learning_rates),
+                max(config.ablation_learning_rates),
             )
+            edge = " (grid edge)" if best in grid_ends and len(lrs) > 1 else ""
+            chosen = f"{best:g}{edge}"
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {chosen or '—'} |")
     lines += [
         "",
@@ -406,42 +431,58 @@ def ablation_section(
             f"batch {batch}",
             "",
             "| row | statistics | gradient | noise | granularity | lr | test | "
-            "Δ vs batch | precise | train loss | offset erased | Δ offset erased "
-            "| class-hom. | nuisance-hom. | skewed maj. / min. | n | 1-at-a-time "
+            "Δ vs batch | precise | train loss | offset erased | random batch | "
+            "class-hom. | nuisance-hom. | skewed maj. / min. | n | 1-at-a-time "
             "Δlogit |",
             "| --- |" + " --- |" * 16,
         ]
         base = table.get("batch", {})
-        for name in config.ablation_rows:
+        within_rows = []
+        for name in rows_of:
             per_seed = table.get(name)
             if not per_seed:
                 continue
             row = known[name]
+            done = {s: r for s, r in per_seed.items() if not r.get("diverged")}
+            diverged = len(per_seed) - len(done)
 
-            def f(key: str, per_seed: dict[Any, Any] = per_seed) -> str:
-                return fmt(seed_values(per_seed, key), 100)
+            def f(key: str, done: dict[Any, Any] = done) -> str:
+                return fmt(seed_values(done, key), 100)
 
             lr = seed_values(per_seed, "learning_rate")
-            loss = fmt(seed_values(per_seed, "train_loss"), 1, 3)
-            erased_drop = {
-                s: {"d": r["accuracy_offset_erased"] - r["accuracy"]}
-                for s, r in per_seed.items()
-            }
-            worst = max(r["single_max_logit_change"] for r in per_seed.values())
-            delta = (
-                "" if name == "batch" else _pct_difference(per_seed, base, "accuracy")
+            loss = fmt(seed_values(done, "train_loss"), 1, 3)
+            worst = max(
+                (r["single_max_logit_change"] for r in done.values()), default=0.0
             )
+            check = f"{worst:.1e}" + (
+                " (depends on the batch!)" if worst > 1e-3 else ""
+            )
+            delta = "" if name == "batch" else _pct_difference(done, base, "accuracy")
+            n = f"{len(per_seed)}" + (f" ({diverged} diverged)" if diverged else "")
             lines.append(
                 f"| {name} | {row.statistics} | {row.gradient} | {row.noise} | "
-                f"{row.granularity} | {lr[0]:g} | {f('accuracy')} | "
-                f"{delta} | {f('precise')} | {loss} | {f('accuracy_offset_erased')} | "
-                f"{fmt([v['d'] for v in erased_drop.values()], 100)} | "
-                f"{f('class_homogeneous')} | {f('nuisance_homogeneous')} | "
-                f"{f('skewed_majority')} / {f('skewed_minority')} | "
-                f"{len(per_seed)} | {worst:.1e} |"
+                f"{row.granularity} | {lr[0]:g} | {f('accuracy')} | {delta} | "
+                f"{f('precise')} | {loss} | {f('accuracy_offset_erased')} | "
+                f"{f('random_batch')} | {f('class_homogeneous')} | "
+                f"{f('nuisance_homogeneous')} | {f('skewed_majority')} / "
+                f"{f('skewed_minority')} | {n} | {check} |"
             )
+            within_rows.append(
+                f"| {name} | "
+                + " | ".join(_within(done, a, b) for _, a, b in WITHIN)
+                + " |"
+            )
+        lines += [
+            "",
+            "Differences within each row (accuracy points), paired by seed, mean "
+            "[95 % t-interval] (per seed):",
+            "",
+            "| row | " + " | ".join(label for label, _, _ in WITHIN) + " |",
+            "| --- |" + " --- |" * len(WITHIN),
+            *within_rows,
+        ]
         extras = []
-        for name in config.ablation_rows:
+        for name in rows_of:
             per_seed = table.get(name, {})
             for seed, r in sorted(per_seed.items(), key=lambda kv: str(kv[0])):
                 if "mix_weight" in r:
@@ -466,6 +507,7 @@ def ablation_section(
             (r["class_distance"], r["nuisance_distance"])
             for per in table.values()
             for r in per.values()
+            if not r.get("diverged")
         ]
         if distances:
             c, n = np.mean(distances, axis=0)
@@ -475,6 +517,47 @@ def ablation_section(
                 f"class-homogeneous batches {c:.3f}, nuisance-homogeneous {n:.3f} "
                 "(mean over runs).",
             ]
+    lines += _between_settings(
+        results.get("ablation", {}), rows_of, dict(config.ablation_budgets)
+    )
+    return lines
+
+
+def _between_settings(
+    table: dict[str, Any], rows_of: tuple[str, ...], epochs: dict[str, float]
+) -> list[str]:
+    """Each row's test accuracy in one setting minus another (a longer budget
+    minus a shorter at the same batch size; a smaller batch minus a larger at
+    the same budget), paired by seed."""
+
+    def split(setting: str) -> tuple[str, int]:
+        budget, _, batch = setting.partition(" b")
+        return budget, int(batch)
+
+    pairs = []
+    for a in table:
+        for b in table:
+            (budget_a, batch_a), (budget_b, batch_b) = split(a), split(b)
+            longer = batch_a == batch_b and epochs[budget_a] > epochs[budget_b]
+            smaller = budget_a == budget_b and batch_a < batch_b
+            if longer or smaller:
+                pairs.append((a, b))
+    if not pairs:
+        return []
+    lines = [
+        "",
+        "Between settings (test accuracy points, paired by seed, 95 % interval):",
+        "",
+        "| row | " + " | ".join(f"{a} − {b}" for a, b in pairs) + " |",
+        "| --- |" + " --- |" * len(pairs),
+    ]
+    for name in rows_of:
+        cells = [
+            _pct_difference(table[a].get(name, {}), table[b].get(name, {}), "accuracy")
+            for a, b in pairs
+        ]
+        if any(c != "—" for c in cells):
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -483,7 +566,8 @@ def ablation_text_section(
 ) -> list[str]:
     """Section 8: the text ablation, bits per byte by context length with every
     evaluation, and each row against layer norm, paired by seed."""
-    if not config.ablation_text_norms:
+    text_norms = tuple(config.get("ablation_text_norms") or ())
+    if not text_norms:
         return []
     table = results.get("ablation_text", {})
     lengths = [str(n) for n in sorted(config.context_lengths)]
@@ -506,7 +590,7 @@ def ablation_text_section(
         "val_bits_per_byte_batch",
         "val_bits_per_byte_reference",
     )
-    for variant in config.ablation_text_norms:
+    for variant in text_norms:
         cells = []
         for n in lengths:
             per_seed = table.get(variant, {}).get(n, {})
@@ -522,7 +606,7 @@ def ablation_text_section(
         "| row | evaluation | " + " | ".join(f"L={n}" for n in lengths) + " |",
         "| --- | --- |" + " --- |" * len(lengths),
     ]
-    for variant in config.ablation_text_norms:
+    for variant in text_norms:
         if variant == "layer":
             continue
         for label, key in (
@@ -543,7 +627,7 @@ def ablation_text_section(
             lines.append(f"| {variant} | {label} | " + " | ".join(cells) + " |")
     zeroed = [
         (variant, n, seed, r)
-        for variant in config.ablation_text_norms
+        for variant in text_norms
         for n in lengths
         for seed, r in table.get(variant, {}).get(n, {}).items()
         if "prior_zeroed" in r

@@ -187,6 +187,7 @@ class Progress:
 
 def write_json(path: pathlib.Path, value: Any) -> None:
     """Atomic: a killed study never leaves a half-written results file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(value, indent=2, allow_nan=True) + "\n")
     tmp.replace(path)

@@ -349,25 +349,36 @@ def backend_layers(
 class WeightNormConv(nn.Module):
     """A convolution with weight normalization (Salimans & Kingma 2016): each
     output channel's kernel is ``scale * v / ||v||``, through
-    ``flax.linen.WeightNorm`` around ``conv(features, kernel_size, ...)``.
-    Variables: ``weight_norm/layer_instance/kernel`` (v) and its ``.../scale``
-    (ones at init: the kernel's per-channel norm starts at 1, as LeCun-normal
-    init gives in expectation)."""
+    ``flax.linen.WeightNorm`` around ``conv(features, kernel_size)`` (``conv``
+    with its other options bound, see :func:`weight_normed`). Variables:
+    ``weight_norm/layer_instance/kernel`` (v) and its ``.../scale`` (ones at
+    init: the kernel's per-channel norm starts at 1, as LeCun-normal init gives
+    in expectation)."""
 
     conv: Callable[..., nn.Module]
     features: int
     kernel_size: Sequence[int]
-    use_bias: bool = True
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        layer = self.conv(
-            self.features, self.kernel_size, use_bias=self.use_bias, parent=None
-        )
+        layer = self.conv(self.features, self.kernel_size, parent=None)
         return nn.WeightNorm(layer, name="weight_norm")(x)
 
 
 def weight_normed(conv: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
     """``conv`` (a convolution module class, as a model's ``conv=`` takes it)
-    with weight normalization on every layer it makes."""
-    return functools.partial(WeightNormConv, conv)
+    with weight normalization on every layer it makes; every other option
+    (``use_bias``, ``strides``, ``padding``, ``kernel_init``, ...) goes to
+    ``conv``."""
+
+    def make(
+        features: int,
+        kernel_size: Sequence[int],
+        *,
+        name: str | None = None,
+        **options: Any,
+    ) -> nn.Module:
+        bound = functools.partial(conv, **options) if options else conv
+        return WeightNormConv(bound, features, kernel_size, name=name)
+
+    return make
