@@ -209,3 +209,56 @@ def test_bln_variables_made_before_the_samples_key_still_load():
     y, updates = layer.apply(old, x, use_running_average=False, mutable=["batch_stats"])
     assert "samples" not in updates["batch_stats"]
     assert np.all(np.isfinite(layer.apply(old, x, use_running_average=True)))
+
+
+@pytest.mark.parametrize("shape", [(5, 3, 4), (6, 7)])
+def test_bln_training_gradients_match_the_formula_with_masks_float64(shape):
+    # The fused backward of both parts against autodiff of the formula written
+    # plainly (batch part per channel over the rest, feature part per sample
+    # over the last axis, B = samples with a valid element), padding holding NaN.
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(sum(shape))
+        x = rng.normal(2.0, 3.0, size=shape)
+        mask = rng.random(shape) < 0.7
+        mask[:, ..., 0] = True
+        mask[-1] = False  # a padding sample: not counted in B
+        x[~mask] = np.nan
+        x = jnp.asarray(x)
+        c, eps = shape[-1], 1e-5
+        params = {
+            "scale": jnp.asarray(rng.uniform(0.5, 2, c)),
+            "bias": jnp.asarray(rng.normal(size=c)),
+        }
+        stats0 = {
+            "mean": jnp.zeros(c),
+            "var": jnp.ones(c),
+            "feature_mean": jnp.zeros(()),
+            "feature_var": jnp.ones(()),
+        }
+        w = jnp.asarray(rng.normal(size=shape))
+        batch_axes = tuple(range(len(shape) - 1))
+
+        def part(x, axes):
+            x = jnp.where(mask, x, 0)  # before any arithmetic: padding is NaN
+            n = np.maximum(mask.sum(axes, keepdims=True), 1)
+            mu = x.sum(axes, keepdims=True) / n
+            centred = jnp.where(mask, x - mu, 0)
+            var = (centred**2).sum(axes, keepdims=True) / n
+            return centred / jnp.sqrt(var + eps)
+
+        def reference(x, p):
+            b = mask.reshape(shape[0], -1).any(1).sum()
+            y = part(x, (len(shape) - 1,)) / b + (1 - 1 / b) * part(x, batch_axes)
+            return jnp.sum(jnp.where(mask, w * (y * p["scale"] + p["bias"]), 0))
+
+        def ours(x, p):
+            y, _, _ = F.batch_layer_norm(x, p, stats0, train=True, mask=mask)
+            return jnp.sum(jnp.where(mask, w * y, 0))
+
+        np.testing.assert_allclose(ours(x, params), reference(x, params), rtol=1e-10)
+        got = jax.grad(ours, argnums=(0, 1))(x, params)
+        want = jax.grad(reference, argnums=(0, 1))(x, params)
+        assert np.isfinite(np.asarray(got[0])).all()
+        np.testing.assert_allclose(got[0], want[0], rtol=1e-8, atol=1e-12)
+        for k in params:
+            np.testing.assert_allclose(got[1][k], want[1][k], rtol=1e-8, atol=1e-12)

@@ -99,3 +99,51 @@ def test_causal_batch_renorm_compares_each_position_with_its_row():
     for key in ("mean", "var"):
         np.testing.assert_allclose(out.batch_stats[key], bn.batch_stats[key])
         np.testing.assert_array_equal(out.batch_stats[key][length:], rows[key][length:])
+
+
+@pytest.mark.parametrize("shape", [(6, 3, 2, 4), (9, 5)])
+def test_batch_renorm_gradients_with_masks_and_params_match_the_plain_formula(shape):
+    # The fused backward (r, d constants) against autodiff of the formula written
+    # plainly, in float64, with padding that holds NaN.
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(sum(shape))
+        x = rng.normal(3.0, 2.0, size=shape)
+        mask = np.ones(shape, bool)
+        mask[-2:] = False
+        x[-1] = np.nan
+        c = shape[-1]
+        running = {"mean": jnp.asarray(rng.normal(size=c)), "var": jnp.full(c, 2.0)}
+        params = {"scale": jnp.asarray(rng.normal(size=c)), "bias": jnp.ones(c)}
+        w = jnp.asarray(rng.normal(size=shape))
+        axes = tuple(range(len(shape) - 1))
+        eps = 1e-5
+
+        def reference(x, params):
+            valid = jnp.where(mask, x, 0.0)
+            n = mask.sum(axes)
+            mean = valid.sum(axes) / n
+            var = (jnp.where(mask, x - mean, 0.0) ** 2).sum(axes) / n
+            sigma_b = jnp.sqrt(var + eps)
+            sigma = jnp.sqrt(running["var"] + eps)
+            r = jax.lax.stop_gradient(jnp.clip(sigma_b / sigma, 1 / 1.5, 1.5))
+            d = jax.lax.stop_gradient(
+                jnp.clip((mean - running["mean"]) / sigma, -0.5, 0.5)
+            )
+            x_hat = jnp.where(mask, (valid - mean) / sigma_b * r + d, 0.0)
+            y = x_hat * params["scale"] + params["bias"]
+            return jnp.sum(jnp.where(mask, w * y, 0.0))
+
+        def ours(x, params):
+            y, _, _ = F.batch_renorm(
+                x, params, running, train=True, r_max=1.5, d_max=0.5, mask=mask
+            )
+            return jnp.sum(jnp.where(mask, w * y, 0.0))
+
+        x = jnp.asarray(x)
+        got = jax.grad(ours, argnums=(0, 1))(x, params)
+        want = jax.grad(reference, argnums=(0, 1))(x, params)
+        assert np.isfinite(np.asarray(got[0])).all()
+        np.testing.assert_allclose(got[0], want[0], rtol=1e-7, atol=1e-10)
+        for k in ("scale", "bias"):
+            np.testing.assert_allclose(got[1][k], want[1][k], rtol=1e-7, atol=1e-10)
+        np.testing.assert_allclose(ours(x, params), reference(x, params), rtol=1e-10)

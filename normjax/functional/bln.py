@@ -29,6 +29,7 @@ from normjax.functional.core import (
     broadcast_mask,
     cast_output,
     feature_layout,
+    normalize,
     standardize,
 )
 from normjax.stats import Axes, MeanVar
@@ -111,14 +112,24 @@ def batch_layer_norm(
     if mode == "running":
         sources = ("running",) * 4
     mask = broadcast_mask(mask, x)
-    feature_moments = stats.moments(
-        x,
-        stats.canonicalize_axes(
-            x.ndim, feature_reduction_axes, name=f"{name} feature_reduction_axes"
-        ),
-        mask=mask,
-        cumulative_axis=None if mode in (None, "running") else time_axis,
+    reduce_features = stats.canonicalize_axes(
+        x.ndim, feature_reduction_axes, name=f"{name} feature_reduction_axes"
     )
+    # Training, non-causal: both parts through the fused normalize (its
+    # hand-derived backward pass), not autodiff through two sets of moments.
+    fused = train and mode is None
+    y_feature = None
+    if fused:
+        y_feature, feature_moments = normalize(
+            x, reduce_features, epsilon=epsilon, mask=mask
+        )
+    else:
+        feature_moments = stats.moments(
+            x,
+            reduce_features,
+            mask=mask,
+            cumulative_axis=None if mode in (None, "running") else time_axis,
+        )
     b = batch_moments(
         x,
         feature_axes,
@@ -127,6 +138,7 @@ def batch_layer_norm(
         axis_index_groups=axis_index_groups,
         causal="per_position" if mode == "running" else mode,
         time_axis=time_axis,
+        epsilon=epsilon if fused else None,
     )
     if positions:
         time = time_axis_of(x, time_axis, feature_axes)
@@ -189,10 +201,15 @@ def batch_layer_norm(
         # Evaluation with population batch statistics mixes as training did:
         # with the training batch's B, whatever the evaluation batch holds.
         samples = batch_stats["samples"].reshape(())
-    weight = 1.0 / jnp.maximum(samples, 1.0)
-    y = weight * standardize(x, feature_part, epsilon, mask) + (
-        1 - weight
-    ) * standardize(x, batch_part, epsilon, mask)
+    # in the computation's precision (float64 inputs: 1/5 is not float32's)
+    weight = 1.0 / jnp.maximum(samples.astype(jnp.result_type(x, jnp.float32)), 1.0)
+    if fused:
+        assert y_feature is not None and b.normalized is not None
+        y = weight * y_feature + (1 - weight) * b.normalized
+    else:
+        y = weight * standardize(x, feature_part, epsilon, mask) + (
+            1 - weight
+        ) * standardize(x, batch_part, epsilon, mask)
     y = cast_output(affine(y, params, feature_axes, name=name), x, dtype)
     if not train:
         return Normalized(y, batch_stats, {})

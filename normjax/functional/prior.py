@@ -17,10 +17,12 @@ from normjax.functional.core import (
     Params,
     affine,
     cast_output,
+    check_params,
+    normalize,
     other_axes,
     standardize,
 )
-from normjax.functional.per_sample import group_moments
+from normjax.functional.per_sample import group_moments, group_split
 from normjax.stats import Axes
 
 Array = jax.Array
@@ -69,16 +71,41 @@ def prior_norm(
     prior_mean = params.pop("prior_mean", None)
     prior_scale = params.pop("prior_scale", None)
     channels = x.shape[-1]
-    x_grouped, m, grouped_mask = group_moments(
-        x,
-        num_groups=num_groups,
-        group_size=group_size,
-        reduction_axes=reduction_axes,
-        mask=mask,
-        causal=parse_causal(causal, supported=SUPPORTED_CAUSAL, name=name),
-        time_axis=time_axis,
-        name=name,
-    )
+    mode = parse_causal(causal, supported=SUPPORTED_CAUSAL, name=name)
+    if mode is None:
+        # Group norm through the fused normalize: its backward pass also takes
+        # the cotangent of the moments, through which the offsets' gradient
+        # flows (no autodiff through the two-pass statistics).
+        x_grouped, axes, grouped_mask = group_split(
+            x,
+            num_groups=num_groups,
+            group_size=group_size,
+            reduction_axes=reduction_axes,
+            mask=mask,
+            name=name,
+        )
+        check_params(x.shape, params, (x.ndim - 1,), name=name)
+        grouped = {k: v.reshape(x_grouped.shape[-2:]) for k, v in params.items()}
+        y, m = normalize(
+            x_grouped,
+            axes,
+            epsilon=epsilon,
+            mask=grouped_mask,
+            params=grouped,
+            feature_axes=(x.ndim - 1, x.ndim),
+            name=name,
+        )
+    else:
+        x_grouped, m, grouped_mask = group_moments(
+            x,
+            num_groups=num_groups,
+            group_size=group_size,
+            reduction_axes=reduction_axes,
+            mask=mask,
+            causal=mode,
+            time_axis=time_axis,
+            name=name,
+        )
     groups = x_grouped.shape[-2]
     if batch_stats is None:
         raise ValueError(
@@ -91,8 +118,9 @@ def prior_norm(
         batch_stats["var"].reshape(group_shape),
     )
     sample = stats.mean_var(m)
-    y = standardize(x_grouped, sample, epsilon, grouped_mask).reshape(x.shape)
-    y = affine(y, params, (x.ndim - 1,), name=name).reshape(x_grouped.shape)
+    if mode is not None:
+        y = standardize(x_grouped, sample, epsilon, grouped_mask).reshape(x.shape)
+        y = affine(y, params, (x.ndim - 1,), name=name).reshape(x_grouped.shape)
     offsets = {
         "prior_mean": (
             prior_mean,

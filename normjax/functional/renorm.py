@@ -127,6 +127,9 @@ def batch_renorm(
         axis_index_groups=axis_index_groups,
         causal="per_position" if mode == "running" else mode,
         time_axis=time_axis,
+        # Non-causal: x standardized by the batch's moments through the fused
+        # normalize (its hand-derived backward); r and d are constants to it.
+        epsilon=epsilon if mode is None else None,
     )
     if mode != "running":
         sigma_batch = jnp.sqrt(stats.variance(b.moments) + epsilon)
@@ -135,7 +138,10 @@ def batch_renorm(
         d = jax.lax.stop_gradient(
             jnp.clip((b.moments.mean - running.mean) / sigma, -d_max, d_max)
         )
-        x_hat = standardize(x, stats.mean_var(b.moments), epsilon, b.mask) * r + d
+        standardized = b.normalized
+        if standardized is None:  # causal: per-position or prefix moments
+            standardized = standardize(x, stats.mean_var(b.moments), epsilon, b.mask)
+        x_hat = standardized * r + d
         if b.mask is not None:  # padding: 0 before the affine, as every norm
             x_hat = jnp.where(b.mask, x_hat, 0.0)
         y = cast_output(affine(x_hat, params, feature_axes, name=name), x, dtype)
