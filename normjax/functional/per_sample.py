@@ -11,7 +11,6 @@ token and causal as they are.
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
@@ -380,39 +379,6 @@ def evonorm_s0(
     """
     params = dict(params or {})
     v = params.pop("v", None)
-    name = "evonorm_s0"
-    if parse_causal(causal, supported=SUPPORTED_CAUSAL, name=name) is None:
-        # The hand-derived backward pass (derivation beside _evonorm_bwd).
-        x_grouped, axes, grouped_mask = group_split(
-            x,
-            num_groups=num_groups,
-            group_size=group_size,
-            reduction_axes=reduction_axes,
-            mask=mask,
-            name=name,
-        )
-        check_params(x.shape, params, (x.ndim - 1,), name=name)
-        groups = x_grouped.shape[-2:]
-        if v is not None and v.shape != (x.shape[-1],):
-            raise ValueError(
-                f"{name}: params['v'] must have shape ({x.shape[-1]},), got {v.shape}."
-            )
-
-        def grouped(p: Array | None) -> Array | None:
-            return None if p is None else p.reshape(groups)
-
-        if grouped_mask is not None:
-            grouped_mask = jnp.broadcast_to(grouped_mask, x_grouped.shape)
-        y = _evonorm(
-            x_grouped,
-            grouped_mask,
-            grouped(v),
-            grouped(params.get("scale")),
-            grouped(params.get("bias")),
-            axes,
-            float(epsilon),
-        )
-        return cast_output(y.reshape(x.shape), x, dtype)
     x_grouped, m, _ = group_moments(
         x,
         num_groups=num_groups,
@@ -421,7 +387,7 @@ def evonorm_s0(
         mask=mask,
         causal=causal,
         time_axis=time_axis,
-        name=name,
+        name="evonorm_s0",
     )
     inv_std = jax.lax.rsqrt(stats.variance(m) + epsilon)
     x32 = x.astype(inv_std.dtype)
@@ -433,90 +399,3 @@ def evonorm_s0(
     y = (numerator.reshape(x_grouped.shape) * inv_std).reshape(x.shape)
     y = affine(y, params, (x.ndim - 1,), name="evonorm_s0")
     return cast_output(y, x, dtype)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _evonorm(
-    x: Array,
-    mask: Array | None,
-    v: Array | None,
-    scale: Array | None,
-    bias: Array | None,
-    axes: tuple[int, ...],
-    epsilon: float,
-) -> Array:
-    return _evonorm_fwd(x, mask, v, scale, bias, axes, epsilon)[0]
-
-
-def _evonorm_fwd(
-    x: Array,
-    mask: Array | None,
-    v: Array | None,
-    scale: Array | None,
-    bias: Array | None,
-    axes: tuple[int, ...],
-    epsilon: float,
-) -> tuple[Array, tuple[Any, ...]]:
-    # x in the grouped layout (..., G, C/G); v, scale, bias (G, C/G).
-    m = stats.moments(x, axes, mask=mask)
-    r = jax.lax.rsqrt(stats.variance(m) + epsilon)
-    dtype = r.dtype
-    x32 = x.astype(dtype)
-    if mask is not None:  # padding: 0 before the affine, whatever it holds
-        x32 = jnp.where(mask, x32, 0.0)
-    gate = jax.nn.sigmoid(x32 if v is None else x32 * v.astype(dtype))
-    y = x32 * gate * r
-    if scale is not None:
-        y = y * scale.astype(dtype)
-    if bias is not None:
-        y = y + bias.astype(dtype)
-    return y, (x, mask, v, scale, bias, m.count, m.mean, r)
-
-
-def _evonorm_bwd(
-    axes: tuple[int, ...],
-    epsilon: float,
-    residuals: tuple[Any, ...],
-    dy: Array,
-) -> tuple[Array, None, Array | None, Array | None, Array | None]:
-    # Per sample and group, with w the mask, n the valid count, mu the mean,
-    # r = (var + eps)^(-1/2), s = sigmoid(v x), a = dy * scale:
-    #   y = w x s r * scale + bias
-    #   dx = w [a r s (1 + v x (1 - s)) - r^3/n (x - mu) sum(a w x s)]
-    #   dv = sum(a r w x^2 s (1 - s)),  dscale = sum(dy w x s r),  dbias = sum(dy)
-    # (the last three over every axis but the grouped channel axes). One pass of
-    # per-group sums, then elementwise.
-    x, mask, v, scale, bias, count, mean, r = residuals
-    dtype = r.dtype
-    dy = dy.astype(dtype)
-    x32 = x.astype(dtype)
-    if mask is not None:
-        x32 = jnp.where(mask, x32, 0.0)
-        dy_valid = jnp.where(mask, dy, 0.0)
-    else:
-        dy_valid = dy
-    v32 = None if v is None else v.astype(dtype)
-    s = jax.nn.sigmoid(x32 if v32 is None else x32 * v32)
-    a = dy_valid if scale is None else dy_valid * scale.astype(dtype)
-    xs = x32 * s
-    others = tuple(range(x.ndim - 2))  # the grouped channel axes are the last two
-    sum_axs = jnp.sum(a * xs, axes, keepdims=True)
-    inv_n = stats.safe_div(jnp.ones_like(count), count)
-    centred = x32 - mean
-    if mask is not None:
-        centred = jnp.where(mask, centred, 0.0)
-    vx = x32 if v32 is None else x32 * v32
-    dx = a * r * s * (1.0 + vx * (1.0 - s)) - r * r * r * inv_n * centred * sum_axs
-    if mask is not None:
-        dx = jnp.where(mask, dx, 0.0)
-    dv = dscale = dbias = None
-    if v is not None:
-        dv = jnp.sum(a * r * x32 * xs * (1.0 - s), others).astype(v.dtype)
-    if scale is not None:
-        dscale = jnp.sum(dy_valid * xs * r, others).astype(scale.dtype)
-    if bias is not None:
-        dbias = jnp.sum(dy, others).astype(bias.dtype)
-    return dx.astype(x.dtype), None, dv, dscale, dbias
-
-
-_evonorm.defvjp(_evonorm_fwd, _evonorm_bwd)
