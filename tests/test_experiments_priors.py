@@ -14,7 +14,7 @@ import tfds_data
 
 from experiments import priors
 from experiments.configs import priors as configs
-from experiments.priors import ablation, ablation_text, cifar_eval, report, runs
+from experiments.priors import ablation, cifar_eval, report, runs
 from experiments.priors import text as priors_text
 from normjax.models import FastCNN, max_pool_2x2
 
@@ -207,7 +207,7 @@ def test_zero_prior_zeroes_only_the_prior_offsets():
             }
         }
     }
-    zeroed = ablation_text.zero_prior(params)["block"]["norm"]
+    zeroed = ablation.zero_prior(params)["block"]["norm"]
     assert float(zeroed["prior_mean"].sum()) == 0 == float(zeroed["prior_scale"].sum())
     assert float(zeroed["scale"].sum()) == 3
 

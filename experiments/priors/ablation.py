@@ -20,7 +20,6 @@ import dataclasses
 import json
 import math
 import pathlib
-import warnings
 from typing import Any
 
 import flax.linen as nn
@@ -28,13 +27,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from flax.traverse_util import flatten_dict
 
 from experiments import cifar as cifar_experiment
 from experiments.priors.cifar_eval import TestSet
 from experiments.priors.probe import norm_types
 from experiments.priors.runs import Job, Study, cifar_config, read_json, write_json
-from normjax import calibrate
-from normjax.data import augment, cifar, samplers
+from normjax.data import cifar, samplers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,34 +240,6 @@ def _accuracy(logits: np.ndarray, y: np.ndarray) -> float:
     return float(np.mean(logits.argmax(-1) == y))
 
 
-def augmented_precise_stats(test_set: TestSet, count: int, batch_size: int) -> Any:
-    """Precise statistics over ``count`` training images augmented as training
-    saw them (random crops and flips), in batches of the training batch size."""
-    data, task = test_set.task.data, test_set.task
-    count = min(count, len(data.train_labels))
-    batch_size = min(batch_size, count)
-    order = np.random.default_rng(0).permutation(len(data.train_labels))[:count]
-    key = jax.random.key(0)
-
-    def batches():
-        for i, s in enumerate(range(0, count - batch_size + 1, batch_size)):
-            images = augment.augment(
-                jax.random.fold_in(key, i),
-                jnp.asarray(data.train_images[order[s : s + batch_size]]),
-            )
-            x = cifar.standardize_images(images, task.mean, task.std)
-            yield (x, jnp.ones(batch_size, bool))
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="precise statistics left")
-        return calibrate.precise_batch_stats(
-            test_set.model,
-            test_set.variables,
-            batches(),
-            method=lambda model, x, mask: model(x, train=False, mask=mask),
-        )
-
-
 def _norm_inputs(
     model: nn.Module,
     variables: Any,
@@ -427,8 +398,8 @@ def evaluate(
     )
     out["single_max_logit_change"] = float(np.max(np.abs(single - running[:k])))
     if test_set.variables.get("batch_stats"):
-        precise = augmented_precise_stats(
-            test_set, config.precise_images, max(batch_size, 2)
+        precise = test_set.precise_stats(
+            config.precise_images, max(batch_size, 2), augmented=True
         )
         out["precise"] = _accuracy(test_set.logits(whole, "precise", precise), y)
     else:
@@ -468,42 +439,36 @@ def evaluate(
     return out
 
 
+PRIOR_KEYS = ("prior_mean", "prior_scale")
+
+
+def zero_prior(tree: Any) -> Any:
+    """``tree`` (params, or all variables) with every ``prior_mean`` and
+    ``prior_scale`` zeroed."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, v: (
+            jnp.zeros_like(v) if str(getattr(path[-1], "key", "")) in PRIOR_KEYS else v
+        ),
+        tree,
+    )
+
+
 def prior_columns(test_set: TestSet, whole: samplers.Batches) -> dict[str, Any]:
     """For ``prior``: its learned offsets (mean |prior_mean|, |prior_scale| per
     layer) and the accuracy with them zeroed; {} for other norms."""
-    flat = {
-        "/".join(map(str, k)): v
-        for k, v in _flatten(test_set.variables.get("params", {})).items()
-    }
-    keys = [k for k in flat if k.endswith(("prior_mean", "prior_scale"))]
+    flat = flatten_dict(dict(test_set.variables.get("params", {})), sep="/")
+    keys = [k for k in flat if k.endswith(PRIOR_KEYS)]
     if not keys:
         return {}
     coefficients = {k: float(np.mean(np.abs(np.asarray(flat[k])))) for k in keys}
     zeroed = copy.copy(test_set)
-    zeroed.variables = jax.tree_util.tree_map_with_path(
-        lambda path, v: (
-            jnp.zeros_like(v)
-            if str(getattr(path[-1], "key", "")) in ("prior_mean", "prior_scale")
-            else v
-        ),
-        test_set.variables,
-    )
+    zeroed.variables = zero_prior(test_set.variables)
     return {
         "prior_coefficients": coefficients,
         "accuracy_prior_zeroed": _accuracy(
             zeroed.logits(whole, "running"), test_set.test_y
         ),
     }
-
-
-def _flatten(tree: Any, prefix: tuple = ()) -> dict[tuple, Any]:
-    out: dict[tuple, Any] = {}
-    for key, value in dict(tree).items():
-        if isinstance(value, dict) or hasattr(value, "items"):
-            out.update(_flatten(value, (*prefix, key)))
-        else:
-            out[(*prefix, key)] = value
-    return out
 
 
 def main_run(

@@ -25,6 +25,7 @@ import ml_collections
 import numpy as np
 
 from experiments import text as text_experiment
+from experiments.priors.ablation import zero_prior
 from experiments.priors.runs import Job, Study, read_json, write_json
 from experiments.priors.text import text_config, text_record
 from normjax import nn as norms
@@ -104,18 +105,6 @@ def reference_scores(
         task.val_ids, task.config.max_len, task.stride, batch_size
     )
     return task.score(windows, lambda b: forward(b["inputs"], b["mask"]))
-
-
-def zero_prior(params: Any) -> Any:
-    """``params`` with every ``prior_mean``/``prior_scale`` zeroed."""
-    return jax.tree_util.tree_map_with_path(
-        lambda path, v: (
-            jnp.zeros_like(v)
-            if str(getattr(path[-1], "key", "")) in ("prior_mean", "prior_scale")
-            else v
-        ),
-        params,
-    )
 
 
 def ablation_text_run(

@@ -16,7 +16,7 @@ from experiments import cifar as cifar_experiment
 from experiments.priors.probe import statistics_probe
 from experiments.priors.runs import Study, cifar_config, read_json, write_json
 from normjax import calibrate
-from normjax.data import cifar, samplers
+from normjax.data import augment, cifar, samplers
 
 
 def _call(model: nn.Module, images: jax.Array, mask: jax.Array) -> jax.Array:
@@ -52,17 +52,25 @@ class TestSet:
             out[idx[mask]] = np.asarray(logits)[mask]
         return out
 
-    def precise_stats(self, count: int, batch_size: int) -> Any:
+    def precise_stats(
+        self, count: int, batch_size: int, *, augmented: bool = False
+    ) -> Any:
+        """Precise statistics over ``count`` training images in batches of
+        ``batch_size``; ``augmented``: the images cropped and flipped as training
+        saw them (a fixed draw)."""
         data = self.task.data
         count = min(count, len(data.train_labels))
+        batch_size = min(batch_size, count)
         order = np.random.default_rng(0).permutation(len(data.train_labels))[:count]
+        key = jax.random.key(0)
 
         def batches():
-            for s in range(0, count - batch_size + 1, batch_size):
+            for i, s in enumerate(range(0, count - batch_size + 1, batch_size)):
                 rows = order[s : s + batch_size]
-                x = cifar.standardize_images(
-                    jnp.asarray(data.train_images[rows]), self.task.mean, self.task.std
-                )
+                images = jnp.asarray(data.train_images[rows])
+                if augmented:
+                    images = augment.augment(jax.random.fold_in(key, i), images)
+                x = cifar.standardize_images(images, self.task.mean, self.task.std)
                 yield (x, jnp.ones(len(rows), bool))
 
         with warnings.catch_warnings():

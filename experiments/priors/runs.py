@@ -14,20 +14,12 @@ from typing import Any
 import ml_collections
 import tqdm
 
+from experiments.configs.priors import PARTS
+
 try:
     import fcntl
 except ImportError:  # not POSIX: no run locks, run one study process at a time
     fcntl = None  # type: ignore[assignment]
-
-PARTS = (
-    "probe",
-    "stats",
-    "sweep",
-    "text",
-    "ablation_lr",
-    "ablation",
-    "ablation_text",
-)
 
 
 def parts_of(config: ml_collections.ConfigDict) -> set[str]:

@@ -11,7 +11,7 @@ token and causal as they are.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -332,7 +332,49 @@ def group_norm(
         y = y.reshape(x.shape)
         y = affine(y, params, (x.ndim - 1,), name=name)
         return cast_output(y, x, dtype)
-    x_grouped, axes, mask = group_split(
+    y = grouped_normalize(
+        x,
+        params,
+        num_groups=num_groups,
+        group_size=group_size,
+        reduction_axes=reduction_axes,
+        epsilon=epsilon,
+        mask=mask,
+        axis_name=axis_name,
+        axis_index_groups=axis_index_groups,
+        name=name,
+    ).y
+    return cast_output(y.reshape(x.shape), x, dtype)
+
+
+class GroupedNormalized(NamedTuple):
+    """:func:`grouped_normalize`'s output, all in the grouped layout."""
+
+    y: Array
+    moments: Moments
+    x: Array
+    mask: Array | None
+
+
+def grouped_normalize(
+    x: Array,
+    params: Params | None,
+    *,
+    num_groups: int | None,
+    group_size: int | None,
+    reduction_axes: Axes | None,
+    epsilon: float,
+    mask: Array | None,
+    name: str,
+    axis_name: Any = None,
+    axis_index_groups: Any = None,
+) -> GroupedNormalized:
+    """Group norm's non-causal core: ``x`` split into groups
+    (:func:`group_split`), standardized per sample and group through the fused
+    :func:`normalize` (whose backward also takes the moments' cotangent), with
+    the (C,) ``params`` applied as (G, C/G). Returns y, the moments, x and the
+    mask, each in the grouped layout."""
+    x_grouped, axes, grouped_mask = group_split(
         x,
         num_groups=num_groups,
         group_size=group_size,
@@ -343,18 +385,18 @@ def group_norm(
     # The (C,) parameters as (G, C/G), over the grouped layout's last two axes.
     check_params(x.shape, params, (x.ndim - 1,), name=name)
     grouped = {k: v.reshape(x_grouped.shape[-2:]) for k, v in (params or {}).items()}
-    y = normalize(
+    y, m = normalize(
         x_grouped,
         axes,
         epsilon=epsilon,
-        mask=mask,
+        mask=grouped_mask,
         axis_name=axis_name,
         axis_index_groups=axis_index_groups,
         params=grouped,
         feature_axes=(x.ndim - 1, x.ndim),
         name=name,
-    ).y
-    return cast_output(y.reshape(x.shape), x, dtype)
+    )
+    return GroupedNormalized(y, m, x_grouped, grouped_mask)
 
 
 def evonorm_s0(

@@ -17,12 +17,10 @@ from normjax.functional.core import (
     Params,
     affine,
     cast_output,
-    check_params,
-    normalize,
     other_axes,
     standardize,
 )
-from normjax.functional.per_sample import group_moments, group_split
+from normjax.functional.per_sample import group_moments, grouped_normalize
 from normjax.stats import Axes
 
 Array = jax.Array
@@ -76,23 +74,14 @@ def prior_norm(
         # Group norm through the fused normalize: its backward pass also takes
         # the cotangent of the moments, through which the offsets' gradient
         # flows (no autodiff through the two-pass statistics).
-        x_grouped, axes, grouped_mask = group_split(
+        y, m, x_grouped, grouped_mask = grouped_normalize(
             x,
+            params,
             num_groups=num_groups,
             group_size=group_size,
             reduction_axes=reduction_axes,
-            mask=mask,
-            name=name,
-        )
-        check_params(x.shape, params, (x.ndim - 1,), name=name)
-        grouped = {k: v.reshape(x_grouped.shape[-2:]) for k, v in params.items()}
-        y, m = normalize(
-            x_grouped,
-            axes,
             epsilon=epsilon,
-            mask=grouped_mask,
-            params=grouped,
-            feature_axes=(x.ndim - 1, x.ndim),
+            mask=mask,
             name=name,
         )
     else:
