@@ -213,11 +213,10 @@ for name, (params, batch_stats) in variants.items():
 # Calibration moves the statistics by a few percent — the running averages lag
 # the weights (momentum 0.999 averages over the last ~1000 steps), and their
 # variance averages the variances of batches of 32, on average 31/32 of the
-# population's — and the loss barely moves: with one batch-norm layer, fed by
-# the embedding and `W1` alone, there is little for precise statistics to fix.
-# And as in the lecture, batch norm buys no loss in a one-hidden-layer MLP with
-# a tanh-aware initialization (in this run the network without it is ahead);
-# what it changes is the scale of the tanh inputs, below.
+# population's. The three losses above come from one run (one seed each): no
+# difference between the variants is claimed from them — that would take
+# several seeds, paired, with an interval. What batch norm visibly changes is
+# the scale of the tanh inputs, below.
 
 # %% [md]
 # ## The tanh inputs
