@@ -5,6 +5,7 @@ import pathlib
 import re
 import subprocess
 import sys
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -174,6 +175,29 @@ def test_smoke_ablation_writes_its_tables_and_plot(tmp_path, capsys):
     assert "one seed: no interval" in section and "learned α" in section
     err = capsys.readouterr().err
     assert re.search(r"ablation_mix_short_b8_s0: test accuracy [\d.]+%", err)
+    # A later session (a fresh workdir) restores every finished run from the
+    # results file instead of training it again, each record marked.
+    config.parts = ""
+    config.restore_from = str(tmp_path / "results.json")
+    again = priors.run_study(config, str(tmp_path / "later"))
+    assert again["header"]["finished_runs"]["ablation_lr"] == "8/8"
+    assert again["header"]["finished_runs"]["ablation"] == "10/10"
+    assert without_marks(again["ablation"]) == table
+    assert without_marks(again["ablation_lr"]) == grid
+    record = tmp_path / "later" / "runs" / "ablation_mix_short_b8_s0" / "ablation.json"
+    assert json.loads(record.read_text())["restored_from"] == config.restore_from
+    # runs made with other settings are refused, by field
+    config.ablation_holdout += 1
+    refused = r"made with other settings \(differs in ablation_holdout"
+    with pytest.raises(ValueError, match=refused):
+        priors.run_study(config, str(tmp_path / "other"))
+
+
+def without_marks(table: Any) -> Any:
+    """A results table without the restored records' ``restored_from``."""
+    if isinstance(table, dict):
+        return {k: without_marks(v) for k, v in table.items() if k != "restored_from"}
+    return table
 
 
 @pytest.mark.slow
@@ -195,6 +219,11 @@ def test_smoke_text_ablation_evaluates_with_a_reference_batch(tmp_path):
     assert (tmp_path / "runs" / "text_batch_byte_L8_b2_s0" / "summary.json").exists()
     section = (tmp_path / "results.md").read_text().split("## 8. Text ablation")[1]
     assert "| batch | reference batch |" in section
+    config.parts = ""  # a later session restores the rows from the results
+    config.restore_from = str(tmp_path / "results.json")
+    again = priors.run_study(config, str(tmp_path / "later"))
+    assert again["header"]["finished_runs"]["ablation_text"] == "4/4"
+    assert without_marks(again["ablation_text"]) == table
 
 
 def test_zero_prior_zeroes_only_the_prior_offsets():

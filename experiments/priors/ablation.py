@@ -544,6 +544,7 @@ def jobs(
                     bool({"ablation_lr", "ablation"} & parts),
                     lambda name=name, lr=lr: lr_run(study, name, lr),
                     keep_lr,
+                    results_key=(name, f"{lr:g}"),
                 )
             )
     table = results.setdefault("ablation", {})
@@ -576,6 +577,7 @@ def jobs(
                             study, n, b, bs, s
                         ),
                         keep,
+                        results_key=(f"{budget} b{batch_size}", name, str(seed)),
                     )
                 )
     return out

@@ -179,6 +179,7 @@ def jobs(
                             study, v, s, e
                         ),
                         keep,
+                        results_key=(variant, str(length), str(seed)),
                     )
                 )
     return out

@@ -15,6 +15,7 @@ import ml_collections
 import tqdm
 
 from experiments.configs.priors import PARTS
+from normjax.train.resume import differences
 
 try:
     import fcntl
@@ -77,7 +78,9 @@ def _exists(record: Any) -> bool:
 class Job:
     """One run of the study: its part, the record file it writes, whether this
     call runs it (its part was asked for), how to run it, where its record goes
-    in the results, and when a record on disk counts as finished."""
+    in the results, when a record on disk counts as finished, and the keys of
+    its record in ``results.json``'s part (for ``restore_from``; empty: not
+    restored this way)."""
 
     part: str
     record: pathlib.Path
@@ -85,6 +88,7 @@ class Job:
     run: Callable[[], Any]
     keep: Callable[[Any], None]
     finished: Callable[[Any], bool] = _exists
+    results_key: tuple[str, ...] = ()
 
     def done(self) -> bool:
         record = read_json(self.record)
@@ -175,6 +179,93 @@ class Progress:
 
     def close(self) -> None:
         self._bar.close()
+
+
+# Study settings that do not shape a part's runs: a results file made with other
+# values of these still stands for the part (rows and seeds are restored one by
+# one; the other parts' settings do not reach it).
+_NOT_CIFAR_ABLATION = frozenset(
+    {
+        "parts",
+        "restore_from",
+        "seeds",
+        "ablation_rows",
+        "ablation_small_batch_rows",
+        "ablation_small_batch_budgets",
+        "ablation_learning_rates",
+        "probe_norms",
+        "probe_batch_sizes",
+        "stats_train_images",
+        "stats_steps",
+        "stats_l2",
+        "sweep_norms",
+        "sweep_batch_sizes",
+        "sweep_base_batch_size",
+        "sweep_epochs",
+        "sweep_train_subset",
+        "text",
+        "text_norms",
+        "text_tokenizers",
+        "text_small_batch_size",
+        "context_norms",
+        "context_lengths",
+        "context_tokens_per_step",
+        "headline_small_batch",
+        "ablation_text_norms",
+        "ablation_text_reference",
+    }
+)
+_SHAPES_ABLATION_TEXT = ("text", "context_tokens_per_step", "ablation_text_reference")
+
+
+def restore_source(path: str) -> dict[str, Any]:
+    """The results of an earlier call of the study (its ``results.json``)."""
+    previous = read_json(pathlib.Path(path))
+    if previous is None:
+        raise FileNotFoundError(
+            f"restore_from={path!r}: no such file; give the results.json of an "
+            "earlier run of this study, or leave restore_from unset."
+        )
+    return previous
+
+
+def restorable(
+    config: ml_collections.ConfigDict, path: str, part: str
+) -> dict[str, Any]:
+    """The records of ``part`` ('ablation_lr', 'ablation' or 'ablation_text')
+    in the results at ``path``, after checking they were made with the same
+    settings for that part as ``config``: runs trained otherwise would mix two
+    studies in one table. Empty when the file holds none."""
+    previous = restore_source(path)
+    records = previous.get(part) or {}
+    if not records:
+        return {}
+    old = previous.get("config", {})
+    new = json.loads(config.to_json_best_effort())
+    if part == "ablation_text":
+        old = {k: old.get(k) for k in _SHAPES_ABLATION_TEXT}
+        new = {k: new.get(k) for k in _SHAPES_ABLATION_TEXT}
+    else:
+        old = {k: v for k, v in old.items() if k not in _NOT_CIFAR_ABLATION}
+        new = {k: v for k, v in new.items() if k not in _NOT_CIFAR_ABLATION}
+    differ = sorted(differences(old, new))  # what logging and paths change not
+    if differ:
+        raise ValueError(
+            f"restore_from={path!r}: its {part} runs were made with other "
+            f"settings (differs in {', '.join(differ)}); they cannot stand for "
+            "this study's. Use the same preset, or leave restore_from unset."
+        )
+    return records
+
+
+def restore_record(path: pathlib.Path, record: Any, source: str) -> None:
+    """Writes a finished run's record (from an earlier results.json) where the
+    run would write it, marked with where it came from; an existing record is
+    kept (the run on disk is newer)."""
+    if path.exists() or record is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, {**record, "restored_from": source})
 
 
 def write_json(path: pathlib.Path, value: Any) -> None:

@@ -22,13 +22,14 @@ from experiments.priors.runs import (
     Progress,
     Study,
     parts_of,
+    restorable,
+    restore_record,
     run_or_read,
     seeds_of,
     write_json,
 )
 from experiments.priors.text import (
     restorable_text,
-    restore_text_run,
     text_jobs,
     text_key,
     text_record,
@@ -123,7 +124,7 @@ def run_study(
             key = text_key(kind, variant, tokenizer, extra)
             record = restored.get(key, {}).get(str(seed))
             if record is not None:
-                restore_text_run(run_dir / "summary.json", record, config.restore_from)
+                restore_record(run_dir / "summary.json", record, config.restore_from)
 
             def keep_text(summary, key: str = key, seed: int = seed):
                 results["text"].setdefault(key, {})[seed] = text_record(summary)
@@ -143,6 +144,17 @@ def run_study(
     # 7. The ablation, last: the longest part.
     jobs += ablation.jobs(study, parts, seeds, results)
     jobs += ablation_text.jobs(study, parts, seeds, results)
+    if config.restore_from:
+        # The ablations' finished runs from the earlier results, where the run
+        # would write its record (each keeps the results key it fills).
+        for part in ("ablation_lr", "ablation", "ablation_text"):
+            records = restorable(config, config.restore_from, part)
+            for job in jobs:
+                if job.part == part and job.results_key:
+                    record = records
+                    for key in job.results_key:
+                        record = (record or {}).get(key)
+                    restore_record(job.record, record, config.restore_from)
 
     progress = Progress(jobs)
     for job in jobs:

@@ -4,13 +4,12 @@ evaluation normalizes as training did."""
 from __future__ import annotations
 
 import json
-import pathlib
 from typing import Any
 
 import ml_collections
 
 from experiments import text as text_experiment
-from experiments.priors.runs import Study, read_json, write_json
+from experiments.priors.runs import Study, read_json, restore_source
 from normjax import registry
 from normjax.train.resume import differences
 
@@ -131,12 +130,7 @@ def restorable_text(
     """The text records of the study results at ``path`` (key -> seed -> record),
     after checking they come from the same text configuration as ``config``:
     restoring runs trained otherwise would mix two studies in one table."""
-    previous = read_json(pathlib.Path(path))
-    if previous is None:
-        raise FileNotFoundError(
-            f"restore_from={path!r}: no such file; give the results.json of an "
-            "earlier run of this study, or leave restore_from unset."
-        )
+    previous = restore_source(path)
     old = previous.get("config", {}).get("text", {})
     new = json.loads(config.text.to_json_best_effort())
     differ = sorted(differences(old, new))  # what logging and paths change not
@@ -147,17 +141,6 @@ def restorable_text(
             "study's. Use the same preset, or leave restore_from unset."
         )
     return previous.get("text", {})
-
-
-def restore_text_run(
-    summary_path: pathlib.Path, record: dict[str, Any], source: str
-) -> None:
-    """Writes a finished run's record (from an earlier results.json) as its
-    summary, marked with where it came from; an existing summary is kept."""
-    if summary_path.exists():
-        return
-    summary_path.parent.mkdir(parents=True, exist_ok=True)
-    write_json(summary_path, {**record, "restored_from": source})
 
 
 def text_record(summary: dict[str, Any]) -> dict[str, Any]:
