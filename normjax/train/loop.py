@@ -289,7 +289,9 @@ def train_and_evaluate(
                 pending = []
                 if timer_start is None:
                     timer_start = time.time()
-                log.write(done, "train", examples_per_second=rate(), **means)
+                speed = rate()  # none over the first interval (compilation)
+                timed = {} if math.isnan(speed) else {"examples_per_second": speed}
+                log.write(done, "train", **timed, **means)
                 if not math.isfinite(means["loss"]):
                     raise FloatingPointError(
                         f"training diverged: the mean loss of the steps up to {done} "
