@@ -319,6 +319,31 @@ def test_ablation_rows_build_their_models():
         ablation.selected_rows(config)
 
 
+def test_ablation_population_rows_share_a_warm_up_scaled_with_the_batch():
+    config = configs.get_config("quick")
+    study = runs.Study(config, pathlib.Path("unused"))
+    for batch_size, warmup in ((256, 100), (8, 3200)):
+        run = {
+            name: ablation.run_config(
+                study, name, 0, learning_rate=0.1, epochs=2.0, batch_size=batch_size
+            )
+            for name in ("renorm_free", "population")
+        }
+        assert run["population"].norm_kwargs.warmup_steps == warmup
+        assert run["renorm_free"].norm_kwargs.relax[0] == warmup
+
+
+def test_ablation_full_preset_decays_at_the_same_point_of_every_budget():
+    config = configs.get_config("full")
+    study = runs.Study(config, pathlib.Path("unused"))
+    for epochs in config.ablation_budgets.values():
+        run = ablation.run_config(
+            study, "batch", 0, learning_rate=0.1, epochs=epochs, batch_size=128
+        )
+        # ResNet-20's 32k and 48k of 64k steps, whatever the budget
+        assert run.boundaries == (0.5, 0.75) and run.num_steps is None
+
+
 def test_norm_input_statistics_are_each_norm_layers_input():
     model = FastCNN(widths=(4, 8, 8), norm="layer")
     x = jax.random.normal(jax.random.key(0), (3, 32, 32, 3))

@@ -15,6 +15,7 @@ from synthetic_task import Net, SyntheticTask, config
 
 from normjax import train
 from normjax.train import loop, resume
+from normjax.train.state import make_schedule
 
 
 def test_train_step_lowers_the_loss_on_a_fixed_batch():
@@ -209,6 +210,24 @@ def test_unknown_optimizer_and_schedule():
         train.make_optimizer(config(optimizer="lamb"), 10)
     with pytest.raises(ValueError, match="unknown schedule 'step'"):
         train.make_optimizer(config(schedule="step"), 10)
+
+
+def test_piecewise_boundaries_in_steps_or_as_fractions_of_the_run():
+    steps = config(
+        schedule="piecewise", learning_rate=1.0, decay_factor=0.1, warmup_steps=0
+    )
+    steps.boundaries = (50, 75)
+    fractions = config(
+        schedule="piecewise", learning_rate=1.0, decay_factor=0.1, warmup_steps=0
+    )
+    fractions.boundaries = (0.5, 0.75)
+    for c in (steps, fractions):
+        schedule = make_schedule(c, 100)
+        lrs = [float(schedule(t)) for t in (0, 49, 50, 74, 75, 99)]
+        np.testing.assert_allclose(lrs, [1.0, 1.0, 0.1, 0.1, 0.01, 0.01], rtol=1e-6)
+    # fractions follow the run's length
+    schedule = make_schedule(fractions, 1000)
+    assert float(schedule(499)) == 1.0 and float(schedule(500)) == pytest.approx(0.1)
 
 
 _DEVICES_SCRIPT = textwrap.dedent(

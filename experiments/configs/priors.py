@@ -130,7 +130,9 @@ def base() -> ml_collections.ConfigDict:
     )
     config.ablation_small_batch_budgets = ("short",)
     config.ablation_train_subset = ml_collections.FieldReference(None, field_type=int)
-    config.ablation_renorm_warmup = 100  # steps of batch norm before r, d unclipped
+    # Steps of batch norm before the population rows (renorm_free: r, d
+    # unclipped; population) train on population statistics.
+    config.ablation_population_warmup = 100
     config.ablation_single_images = 64  # evaluated one at a time as a check
     # 8. The text ablation (part ablation_text; experiments.priors.ablation_text)
     # at each of context_lengths, context_tokens_per_step tokens per step.
@@ -178,7 +180,7 @@ def full() -> ml_collections.ConfigDict:
     config.ablation_learning_rates = (0.05, 0.1, 0.2, 0.4)
     config.ablation_budgets = ml_collections.ConfigDict({"short": 30.0, "long": 160.0})
     config.ablation_small_batch_budgets = ("short", "long")
-    config.ablation_renorm_warmup = 2000
+    config.ablation_population_warmup = 2000
     return config
 
 
@@ -219,7 +221,7 @@ def smoke() -> ml_collections.ConfigDict:
     config.ablation_train_subset = 356  # 256 after the held-out 100
     config.ablation_budgets = ml_collections.ConfigDict({"short": 0.25, "long": 0.5})
     config.ablation_small_batch_rows = ("batch", "mix")
-    config.ablation_renorm_warmup = 2
+    config.ablation_population_warmup = 2
     config.ablation_single_images = 8
     config.ablation_text_norms = ("layer", "batch", "prior")
     config.ablation_text_reference = 3

@@ -54,10 +54,12 @@ def rows(
     config: ml_collections.ConfigDict, batch_size: int | None = None
 ) -> dict[str, Row]:
     """Every row the ablation knows, by name (``config.ablation_rows`` picks).
-    ``batch_size`` (default the ablation's): batch renorm's warm-up, given in
-    steps at the ablation's batch size, covers the same number of images."""
+    ``batch_size`` (default the ablation's): the warm-up of the rows that
+    train on population statistics (batch renorm unclipped, ``population``),
+    given in steps at the ablation's batch size, covers the same number of
+    images, and is the same for both rows (they differ in the gradient only)."""
     scale = config.ablation_batch_size / (batch_size or config.ablation_batch_size)
-    warmup = max(1, round(config.ablation_renorm_warmup * scale))
+    warmup = max(1, round(config.ablation_population_warmup * scale))
     free = 1e6  # r and d unclipped (finite: the relaxation ramp multiplies it)
     return {
         "batch": Row("batch", {}, False, "batch", "yes", "yes"),
@@ -76,7 +78,14 @@ def rows(
             "yes",
             "no",
         ),
-        "population": Row("population", {}, False, "population", "no", "no"),
+        "population": Row(
+            "population",
+            {"warmup_steps": warmup},
+            False,
+            "population (after warm-up)",
+            "no",
+            "no",
+        ),
         "reference": Row("reference", {}, False, "reference + self", "via R", "no"),
         "online": Row("online", {}, False, "past population", "control", "no"),
         "mix": Row("mix", {}, False, "sample + population", "—", "no"),
@@ -142,6 +151,12 @@ def run_config(
     run.weight_norm = row.weight_norm
     run.batch_size = batch_size
     run.learning_rate = learning_rate
+    if run.get("schedule") == "piecewise" and run.get("num_steps"):
+        # Step boundaries (ResNet-20's 32k and 48k of 64k) as fractions of the
+        # preset's run, so that they fall at the same point of every budget.
+        run.boundaries = tuple(
+            b / run.num_steps if b >= 1 else b for b in run.boundaries
+        )
     run.num_epochs = epochs
     run.num_steps = None
     run.train_subset = c.ablation_train_subset

@@ -67,7 +67,9 @@ def make_schedule(
     fraction of the run);
     'cosine' (warm-up then cosine decay to ``final_lr_fraction`` x lr);
     'piecewise' (``config.boundaries`` steps, each multiplying by
-    ``config.decay_factor``, e.g. He et al.'s /10 at 32k, 48k).
+    ``config.decay_factor``, e.g. He et al.'s /10 at 32k, 48k; a boundary
+    below 1 is a fraction of the run, e.g. (0.5, 0.75) for a run of any
+    length).
     """
     lr = config.learning_rate
     warmup = config.get("warmup_steps", 0)
@@ -84,8 +86,11 @@ def make_schedule(
         )
     elif name == "piecewise":
         factor = config.get("decay_factor", 0.1)
+        steps = [
+            int(b * total_steps) if 0 < b < 1 else int(b) for b in config.boundaries
+        ]
         main = optax.piecewise_constant_schedule(
-            lr, {int(b) - warmup: factor for b in config.boundaries}
+            lr, {b - warmup: factor for b in steps}
         )
     else:
         raise ValueError(
