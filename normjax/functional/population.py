@@ -23,6 +23,7 @@ from normjax.functional.batch import (
     running_mean_var,
     time_axis_of,
     update_batch_running,
+    update_running,
 )
 from normjax.functional.causal import Causal, parse_causal
 from normjax.functional.core import (
@@ -37,7 +38,7 @@ from normjax.functional.core import (
     standardize,
 )
 from normjax.functional.per_sample import group_split
-from normjax.stats import Axes, MeanVar
+from normjax.stats import Axes, MeanVar, Moments
 
 Array = jax.Array
 
@@ -185,37 +186,40 @@ def _mix_forward(
     pm: Array,
     pv: Array,
     valid: Array,
+    sample: Moments,
     epsilon: float,
-    axes: tuple[int, ...],
 ) -> tuple[Array, tuple[Array, ...]]:
-    n = jnp.sum(valid, axes, keepdims=True).astype(x.dtype)
-    mu = stats.safe_div(jnp.sum(jnp.where(valid, x, 0.0), axes, keepdims=True), n)
-    d = jnp.where(valid, x - mu, 0.0)
-    var_s = stats.safe_div(jnp.sum(d * d, axes, keepdims=True), n)
+    n = sample.count.astype(x.dtype)
+    mu = sample.mean.astype(x.dtype)
+    var_s = stats.variance(sample).astype(x.dtype)
     delta = mu - pm
     v = a * var_s + (1 - a) * pv + a * (1 - a) * delta * delta
     r = jax.lax.rsqrt(v + epsilon)
-    y = jnp.where(valid, (d + (1 - a) * delta) * r, 0.0)  # x - m = d + (1-a) delta
+    # x - m = (x - mu) + (1 - a) delta
+    y = jnp.where(valid, (x - mu + (1 - a) * delta) * r, 0.0)
     return y, (y, r, a, n, delta, var_s, pv, valid)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
 def _mix_standardize(
     x: Array,
     a: Array,
     pm: Array,
     pv: Array,
     valid: Array,
+    sample: Moments,
     epsilon: float,
     axes: tuple[int, ...],
 ) -> Array:
     """``(x - m) / sqrt(v + eps)`` with the mixture's mean m and variance v of
-    the sample's statistics over ``axes`` (per slot; the features are not among
-    them) and the population's ``pm``, ``pv`` with weight ``a``; zero where not
-    ``valid``. Hand-derived backward: with g the cotangent, y the output,
-    r = (v + eps)^-1/2 and sums over the sample's valid elements,
-    dx = r (g - a/n (sum g + y sum g y)); no gradient to ``pm``, ``pv``."""
-    return _mix_forward(x, a, pm, pv, valid, epsilon, axes)[0]
+    the sample's moments ``sample`` over ``axes`` (per slot, computed from
+    ``x`` by the caller; the features are not among them) and the population's
+    ``pm``, ``pv`` with weight ``a``; zero where not ``valid``. One elementwise
+    pass forward. Hand-derived backward, through the sample's statistics too:
+    with g the cotangent, y the output, r = (v + eps)^-1/2 and sums over the
+    sample's valid elements, dx = r (g - a/n (sum g + y sum g y)); no gradient
+    to ``pm``, ``pv`` or (beyond that formula) ``sample``."""
+    return _mix_forward(x, a, pm, pv, valid, sample, epsilon)[0]
 
 
 def _mix_standardize_fwd(
@@ -224,16 +228,18 @@ def _mix_standardize_fwd(
     pm: Array,
     pv: Array,
     valid: Array,
+    sample: Moments,
     epsilon: float,
     axes: tuple[int, ...],
-) -> tuple[Array, tuple[Array, ...]]:
-    return _mix_forward(x, a, pm, pv, valid, epsilon, axes)
+) -> tuple[Array, tuple[Any, ...]]:
+    y, res = _mix_forward(x, a, pm, pv, valid, sample, epsilon)
+    return y, (*res, sample)
 
 
 def _mix_standardize_bwd(
-    epsilon: float, axes: tuple[int, ...], res: tuple[Array, ...], g: Array
+    epsilon: float, axes: tuple[int, ...], res: tuple[Any, ...], g: Array
 ) -> tuple[Any, ...]:
-    y, r, a, n, delta, var_s, pv, valid = res
+    y, r, a, n, delta, var_s, pv, valid, sample = res
     g = jnp.where(valid, g, 0.0).astype(y.dtype)
     sg = jnp.sum(g, axes, keepdims=True)
     sgy = jnp.sum(g * y, axes, keepdims=True)
@@ -242,8 +248,10 @@ def _mix_standardize_bwd(
     da = dm * delta + dv * (var_s - pv + (1 - 2 * a) * delta * delta)
     summed = tuple(i for i, size in enumerate(a.shape) if size == 1 and da.shape[i] > 1)
     da = jnp.sum(da, summed, keepdims=True)
-    # the population statistics (same shape as pv) get no gradient
-    return dx, da, jnp.zeros_like(pv), jnp.zeros_like(pv), None
+    # the population statistics (same shape as pv) get no gradient; the
+    # sample's moments are x's, whose gradient dx already carries
+    no_sample = jax.tree.map(jnp.zeros_like, sample)
+    return dx, da, jnp.zeros_like(pv), jnp.zeros_like(pv), None, no_sample
 
 
 _mix_standardize.defvjp(_mix_standardize_fwd, _mix_standardize_bwd)
@@ -347,18 +355,30 @@ def mix_norm(
             )
         a = jax.nn.sigmoid(logit.astype(stats.stat_dtype(logit.dtype)))
         a = a.reshape(broadcast)
+    # The batch's moments (for the running statistics) follow from the samples'
+    # when the samples' axes and the batch axis cover every non-feature axis:
+    # merged over the batch, without another pass over x.
+    from_samples = False
     if cumulative is None and not set(sample_axes) & set(feature_axes):
-        # The common case (per channel over space): one fused pass each way.
+        # The common case (per channel over space): one pass of the sample's
+        # moments, one elementwise pass; the same in the backward.
         dt = stats.stat_dtype(x.dtype)
         valid = jnp.ones(x.shape, bool) if mask is None else mask
+        sample_moments = stats.moments(jax.lax.stop_gradient(x), sample_axes, mask=mask)
         y = _mix_standardize(
             x.astype(dt),
             jnp.broadcast_to(jnp.asarray(a, dt), broadcast),
             population.mean.astype(dt),
             population.var.astype(dt),
             valid,
+            sample_moments,
             epsilon,
             sample_axes,
+        )
+        from_samples = (
+            mode is None
+            and axis_name is None
+            and {0, *sample_axes} == set(other_axes(x.ndim, feature_axes))
         )
     else:
         sample = stats.mean_var(
@@ -373,6 +393,11 @@ def mix_norm(
     y = cast_output(affine(y, params, feature_axes, name=name), x, dtype)
     if not train:
         return Normalized(y, batch_stats, {})
+    if from_samples:
+        pooled = stats.merge_over(sample_moments, 0, keepdims=True)
+        pooled = Moments(*(s.reshape(feature_shape) for s in pooled))
+        new_stats = update_running(batch_stats, pooled, momentum)
+        return Normalized(y, new_stats, {"": pooled})
     b = batch_moments(
         jax.lax.stop_gradient(x),
         feature_axes,
