@@ -211,7 +211,7 @@ def test_bln_variables_made_before_the_samples_key_still_load():
     assert np.all(np.isfinite(layer.apply(old, x, use_running_average=True)))
 
 
-@pytest.mark.parametrize("shape", [(5, 3, 4), (6, 7)])
+@pytest.mark.parametrize("shape", [(5, 3, 4), (6, 7), (4, 3, 2, 5)])
 def test_bln_training_gradients_match_the_formula_with_masks_float64(shape):
     # The fused backward of both parts against autodiff of the formula written
     # plainly (batch part per channel over the rest, feature part per sample

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -9,6 +10,7 @@ import jax.numpy as jnp
 
 from normjax import stats
 from normjax.functional.batch import (
+    BatchMoments,
     batch_moments,
     calibration_moments,
     check_batch_stats,
@@ -27,15 +29,133 @@ from normjax.functional.core import (
     Params,
     affine,
     broadcast_mask,
+    broadcast_shape,
     cast_output,
     feature_layout,
     normalize,
+    other_axes,
     standardize,
 )
-from normjax.stats import Axes, MeanVar
+from normjax.stats import Axes, MeanVar, Moments
 
 Array = jax.Array
 BLN_SOURCES = ("running", "batch")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _bln_train(
+    x: Array,
+    mask: Array | None,
+    scale: Array | None,
+    bias: Array | None,
+    weight: Array,
+    feature_axes: tuple[int, ...],
+    reduce_features: tuple[int, ...],
+    epsilon: float,
+) -> tuple[Array, Moments, Moments]:
+    """BLN in training, non-causal, in one elementwise pass each way:
+    ``(w x_F + (1 - w) x_B) * scale + bias`` with x_B standardized per feature
+    over every other axis and x_F per slot over ``reduce_features``, and both
+    sets of moments (for the running statistics). Hand-derived backward: the
+    sum of the two standardizations' backward passes (see ``_bln_train_bwd``)."""
+    return _bln_train_fwd(
+        x, mask, scale, bias, weight, feature_axes, reduce_features, epsilon
+    )[0]
+
+
+def _bln_train_fwd(
+    x: Array,
+    mask: Array | None,
+    scale: Array | None,
+    bias: Array | None,
+    weight: Array,
+    feature_axes: tuple[int, ...],
+    reduce_features: tuple[int, ...],
+    epsilon: float,
+) -> tuple[tuple[Array, Moments, Moments], tuple[Any, ...]]:
+    mb = stats.moments(x, other_axes(x.ndim, feature_axes), mask=mask)
+    mf = stats.moments(x, reduce_features, mask=mask)
+    dtype = mb.mean.dtype
+    rb = jax.lax.rsqrt(stats.variance(mb) + epsilon)
+    rf = jax.lax.rsqrt(stats.variance(mf) + epsilon)
+    if mask is not None:  # an empty slot (epsilon 0): no infinite scale anywhere
+        rb = jnp.where(mb.count > 0, rb, 0.0)
+        rf = jnp.where(mf.count > 0, rf, 0.0)
+    w = weight.astype(dtype)
+    xd = x.astype(dtype)
+    y = w * ((xd - mf.mean) * rf) + (1 - w) * ((xd - mb.mean) * rb)
+    if mask is not None:  # selected: padding may hold NaN or inf
+        y = jnp.where(mask, y, 0.0)
+    shape = broadcast_shape(x.shape, feature_axes)
+    if scale is not None:
+        y = y * scale.reshape(shape).astype(dtype)
+    if bias is not None:
+        y = y + bias.reshape(shape).astype(dtype)
+    residuals = (x, mask, scale, bias, weight, mb.count, mb.mean, rb, mf.count)
+    return (y, mb, mf), (*residuals, mf.mean, rf)
+
+
+def _bln_train_bwd(
+    feature_axes: tuple[int, ...],
+    reduce_features: tuple[int, ...],
+    epsilon: float,
+    residuals: tuple[Any, ...],
+    cotangents: tuple[Array, Moments, Moments],
+) -> tuple[Any, ...]:
+    # Each part is normalize's standardization (see core._normalize_bwd) with
+    # the cotangent g = dy * scale weighted by (1 - w) (batch part, sums over
+    # the batch axes B) or w (feature part, sums over the feature axes F):
+    #   dx = m ((1-w) rb g + w rf g + cb A_b + cf A_f + B_b + B_f),
+    #   A_b = 2 dm2_b - rb^3/n_b (1-w) sum_B(g cb),
+    #   B_b = (dmean_b - rb (1-w) sum_B(g)) / n_b, and alike for F with w;
+    #   dscale = sum_B(dy m (w cf rf + (1-w) cb rb)), dbias = sum_B(dy).
+    # Two reduction passes over (x, dy) — per feature over B, per slot over F
+    # — then one elementwise pass.
+    x, mask, scale, bias, weight, nb, mub, rb, nf, muf, rf = residuals
+    dy, dmb, dmf = cotangents
+    dtype = mub.dtype
+    w = weight.astype(dtype)
+    batch_axes = other_axes(x.ndim, feature_axes)
+    xd = x.astype(dtype)
+    cb, cf = xd - mub, xd - muf
+    dy = dy.astype(dtype)
+    if mask is not None:
+        cb, cf = jnp.where(mask, cb, 0.0), jnp.where(mask, cf, 0.0)
+    dy_valid = dy if mask is None else jnp.where(mask, dy, 0.0)
+    shape = broadcast_shape(x.shape, feature_axes)
+    # The parameters are constant along the batch axes: sums over them of dy,
+    # dy cb and dy cf rf serve the batch part's sums and both parameters' (three
+    # reductions in one pass; a masked output is the bias, so dbias sums every dy).
+    sum_b = stats.reduce_sum(dy_valid, batch_axes)
+    sum_bc = stats.reduce_sum(dy_valid * cb, batch_axes)
+    dbias = dscale = None
+    if bias is not None:
+        dbias = sum_b if mask is None else stats.reduce_sum(dy, batch_axes)
+        dbias = dbias.reshape(bias.shape).astype(bias.dtype)
+    if scale is not None:
+        sum_bcf = stats.reduce_sum(dy_valid * (cf * rf), batch_axes)
+        dscale = w * sum_bcf + (1 - w) * rb * sum_bc
+        dscale = dscale.reshape(scale.shape).astype(scale.dtype)
+        scale_b = scale.reshape(shape).astype(dtype)
+        g = dy_valid * scale_b
+        sum_b, sum_bc = sum_b * scale_b, sum_bc * scale_b
+    else:
+        g = dy_valid
+    sum_f = stats.reduce_sum(g, reduce_features)
+    sum_fc = stats.reduce_sum(g * cf, reduce_features)
+    inv_nb = stats.safe_div(jnp.ones_like(nb), nb)
+    inv_nf = stats.safe_div(jnp.ones_like(nf), nf)
+    a_b = 2.0 * dmb.m2.astype(dtype) - rb * rb * rb * inv_nb * (1 - w) * sum_bc
+    a_f = 2.0 * dmf.m2.astype(dtype) - rf * rf * rf * inv_nf * w * sum_fc
+    dx = ((1 - w) * rb + w * rf) * g + cb * a_b + cf * a_f
+    dx = dx + inv_nb * (dmb.mean.astype(dtype) - rb * (1 - w) * sum_b)
+    dx = dx + inv_nf * (dmf.mean.astype(dtype) - rf * w * sum_f)
+    if mask is not None:
+        dx = jnp.where(mask, dx, 0.0)
+    return dx.astype(x.dtype), None, dscale, dbias, jnp.zeros_like(weight)
+
+
+_bln_train.defvjp(_bln_train_fwd, _bln_train_bwd)
 
 
 def batch_layer_norm(
@@ -119,6 +239,38 @@ def batch_layer_norm(
     # hand-derived backward pass), not autodiff through two sets of moments.
     fused = train and mode is None
     y_feature = None
+    one_pass = fused and axis_name is None and not jnp.iscomplexobj(x)
+    # B counts the samples with at least one valid element: padding samples of a
+    # masked batch are not samples.
+    n = x.shape[0]
+    is_sample = (
+        jnp.ones((n,), bool) if mask is None else jnp.any(mask.reshape(n, -1), axis=1)
+    )
+    samples = stats.masked_sum(
+        is_sample.astype(jnp.float32),
+        0,
+        axis_name=axis_name,
+        axis_index_groups=axis_index_groups,
+    )[0]
+    if one_pass:
+        # Both parts, the mixture and the affine in one custom-VJP function.
+        params = dict(params or {})
+        y, mb, feature_moments = _bln_train(
+            x,
+            mask,
+            params.get("scale"),
+            params.get("bias"),
+            1.0 / jnp.maximum(samples.astype(jnp.result_type(x, jnp.float32)), 1.0),
+            feature_axes,
+            reduce_features,
+            float(epsilon),
+        )
+        y = cast_output(y, x, dtype)
+        pooled = Moments(*(s.reshape(feature_shape) for s in mb))
+        b = BatchMoments(x, mb, pooled, lambda y: y, mask)
+        return _bln_training_output(
+            y, b, feature_moments, batch_stats, samples, momentum, positions=False
+        )
     if fused:
         y_feature, feature_moments = normalize(
             x, reduce_features, epsilon=epsilon, mask=mask
@@ -181,18 +333,6 @@ def batch_layer_norm(
         pick(sources[2], sample.mean, running_feature.mean),
         pick(sources[3], sample.var, running_feature.var),
     )
-    # B counts the samples with at least one valid element: padding samples of a
-    # masked batch are not samples.
-    n = x.shape[0]
-    is_sample = (
-        jnp.ones((n,), bool) if mask is None else jnp.any(mask.reshape(n, -1), axis=1)
-    )
-    samples = stats.masked_sum(
-        is_sample.astype(jnp.float32),
-        0,
-        axis_name=axis_name,
-        axis_index_groups=axis_index_groups,
-    )[0]
     if (
         "samples" in batch_stats
         and not train
@@ -213,6 +353,37 @@ def batch_layer_norm(
     y = cast_output(affine(y, params, feature_axes, name=name), x, dtype)
     if not train:
         return Normalized(y, batch_stats, {})
+    return _bln_training_output(
+        y,
+        b,
+        feature_moments,
+        batch_stats,
+        samples,
+        momentum,
+        positions=positions,
+        time=time if positions else None,
+        axis_name=axis_name,
+        axis_index_groups=axis_index_groups,
+    )
+
+
+def _bln_training_output(
+    y: Array,
+    b: BatchMoments,
+    feature_moments: Moments,
+    batch_stats: BatchStats,
+    samples: Array,
+    momentum: float,
+    *,
+    positions: bool,
+    time: int | None = None,
+    axis_name: Any = None,
+    axis_index_groups: Any = None,
+) -> Normalized:
+    """The training output: ``y`` with the four running statistics (and B)
+    updated from the batch's and the samples' moments."""
+    name = "batch_layer_norm"
+    sample = stats.mean_var(feature_moments)
     new_stats = update_batch_running(
         batch_stats, b, momentum, positions=positions, name=name
     )
