@@ -247,16 +247,25 @@ def _centred_moments(
     count: Array,
     size: int | None,
 ) -> tuple[Array, Array]:
-    """(mean, m2) of each slot of real ``x`` (zero where not ``valid``): one fused
-    pass of sum(x) and sum(x^2) when no slot's |mean| exceeds sqrt(3) of its
-    standard deviation, else (``lax.cond``: only one branch runs) the exact
-    two-pass sum of squared deviations from the mean. Flax's one-pass
+    """(mean, m2) of each slot of real ``x`` (zero where not ``valid``): over the
+    minor axis alone, the exact two-pass sum of squared deviations from the
+    mean; otherwise one fused pass of sum(x) and sum(x^2) when no slot's |mean|
+    exceeds sqrt(3) of its standard deviation, else (``lax.cond``: only one
+    branch runs) the exact two passes. Flax's one-pass
     E[x^2] - E[x]^2 loses every digit when |mean| >> std; this keeps the two-pass
     result's accuracy there and one pass's speed where it is safe (most
     normalization inputs)."""
     # ``x`` in its own dtype: the exact branch converts it itself, so that no
     # converted full-size copy becomes an operand of the cond.
     dtype = count.dtype
+    if axes == (x.ndim - 1,):
+        # Over the minor axis alone (layer norm over the features): the exact
+        # two passes, branch-free. XLA:CPU fuses them with their consumers into
+        # one loop over rows held in cache (as it does Flax's one-pass formula);
+        # the guard's lax.cond would split that loop into ten kernels.
+        total = jnp.sum(x, axes, keepdims=True, dtype=dtype)
+        mean = total / size if size else safe_div(total, count)
+        return mean, _square_sum(x.astype(dtype) - mean, valid, axes)
     total = reduce_sum(x, axes, dtype)  # the conversion inside each sum
     square_sum = reduce_sum(jnp.square(x.astype(dtype)), axes)
     # A static count divides as jnp.mean does (the same rounding as Flax's exact

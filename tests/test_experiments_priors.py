@@ -186,11 +186,20 @@ def test_smoke_ablation_writes_its_tables_and_plot(tmp_path, capsys):
     assert without_marks(again["ablation_lr"]) == grid
     record = tmp_path / "later" / "runs" / "ablation_mix_short_b8_s0" / "ablation.json"
     assert json.loads(record.read_text())["restored_from"] == config.restore_from
-    # runs made with other settings are refused, by field
+    # runs made with other settings are refused, by field, when the part is
+    # asked for; otherwise left out (not mixed in), saying so
+    config.ablation_learning_rates = (0.1, 0.2, 0.4)  # another grid: another best
+    again = priors.run_study(config, str(tmp_path / "other"))
+    assert again["ablation"] == {} and set(again["ablation_lr"]) == set(grid)
+    assert "not restored: restore_from=" in capsys.readouterr().out
+    config.parts = "ablation"
+    refused = r"made with other settings \(differs in ablation_learning_rates"
+    with pytest.raises(ValueError, match=refused):
+        priors.run_study(config, str(tmp_path / "other2"))
     config.ablation_holdout += 1
     refused = r"made with other settings \(differs in ablation_holdout"
     with pytest.raises(ValueError, match=refused):
-        priors.run_study(config, str(tmp_path / "other"))
+        priors.run_study(config, str(tmp_path / "other3"))
 
 
 def without_marks(table: Any) -> Any:
@@ -342,6 +351,12 @@ def test_ablation_full_preset_decays_at_the_same_point_of_every_budget():
         )
         # ResNet-20's 32k and 48k of 64k steps, whatever the budget
         assert run.boundaries == (0.5, 0.75) and run.num_steps is None
+    # the batch-size sweep alike; a boundary the preset's run never reached is
+    # dropped (not read as step 1)
+    run = runs.cifar_config(config, "batch", 0)
+    run.boundaries = (32_000, 64_000, 70_000)
+    runs.train_for_epochs(run, 30.0)
+    assert run.boundaries == (0.5,) and run.num_epochs == 30.0
 
 
 def test_norm_input_statistics_are_each_norm_layers_input():

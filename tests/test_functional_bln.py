@@ -262,3 +262,17 @@ def test_bln_training_gradients_match_the_formula_with_masks_float64(shape):
         np.testing.assert_allclose(got[0], want[0], rtol=1e-8, atol=1e-12)
         for k in params:
             np.testing.assert_allclose(got[1][k], want[1][k], rtol=1e-8, atol=1e-12)
+
+
+def test_bln_training_refuses_unknown_or_misshapen_parameters():
+    x = jnp.ones((4, 5))
+    stats0 = {
+        "mean": jnp.zeros(5),
+        "var": jnp.ones(5),
+        "feature_mean": jnp.zeros(()),
+        "feature_var": jnp.ones(()),
+    }
+    with pytest.raises(ValueError, match="bais"):
+        F.batch_layer_norm(x, {"bais": jnp.ones(5)}, stats0, train=True)
+    with pytest.raises(ValueError, match="shape"):
+        F.batch_layer_norm(x, {"scale": jnp.ones((1, 5))}, stats0, train=True)

@@ -495,7 +495,11 @@ def test_no_larger_error_than_flax_exact_statistics_at_mean_1e4(
     name, kwargs, shape, axes
 ):
     """float32 at mean 1e4, std 1: the error against float64 is at most that of
-    Flax's exact statistics (use_fast_variance=False), for each of ten inputs."""
+    Flax's exact statistics (use_fast_variance=False), for each of ten inputs,
+    up to 1 % — both are float32 rounding of x - mean (x's own spacing there is
+    ~1e-3), and the summation order behind the mean's last bit depends on how
+    XLA vectorizes for the machine's CPU (a 1e-4 relative difference seen on one
+    machine, not another). Flax's default one-pass formula errs by ~1e3 here."""
     kwargs = {"use_bias": False, "use_scale": False, "epsilon": 1e-5, **kwargs}
     ours = getattr(nn, name)(**kwargs)
     theirs = getattr(flax_nn, name)(use_fast_variance=False, **kwargs)
@@ -509,4 +513,4 @@ def test_no_larger_error_than_flax_exact_statistics_at_mean_1e4(
         for layer in (ours, theirs):
             y = layer.apply({}, x, mutable=["batch_stats"])[0]
             errors.append(np.abs(np.asarray(y, np.float64) - want).max())
-        assert errors[0] <= errors[1] * (1 + 1e-6), (seed, errors)
+        assert errors[0] <= errors[1] * 1.01, (seed, errors)

@@ -228,6 +228,9 @@ def test_piecewise_boundaries_in_steps_or_as_fractions_of_the_run():
     # fractions follow the run's length
     schedule = make_schedule(fractions, 1000)
     assert float(schedule(499)) == 1.0 and float(schedule(500)) == pytest.approx(0.1)
+    # two boundaries on one step (a short run) decay twice there
+    schedule = make_schedule(fractions, 2)
+    assert float(schedule(0)) == 1.0 and float(schedule(1)) == pytest.approx(0.01)
 
 
 _DEVICES_SCRIPT = textwrap.dedent(

@@ -32,7 +32,14 @@ from flax.traverse_util import flatten_dict
 from experiments import cifar as cifar_experiment
 from experiments.priors.cifar_eval import TestSet
 from experiments.priors.probe import norm_types
-from experiments.priors.runs import Job, Study, cifar_config, read_json, write_json
+from experiments.priors.runs import (
+    Job,
+    Study,
+    cifar_config,
+    read_json,
+    train_for_epochs,
+    write_json,
+)
 from normjax.data import cifar, samplers
 
 
@@ -151,14 +158,7 @@ def run_config(
     run.weight_norm = row.weight_norm
     run.batch_size = batch_size
     run.learning_rate = learning_rate
-    if run.get("schedule") == "piecewise" and run.get("num_steps"):
-        # Step boundaries (ResNet-20's 32k and 48k of 64k) as fractions of the
-        # preset's run, so that they fall at the same point of every budget.
-        run.boundaries = tuple(
-            b / run.num_steps if b >= 1 else b for b in run.boundaries
-        )
-    run.num_epochs = epochs
-    run.num_steps = None
+    train_for_epochs(run, epochs)
     run.train_subset = c.ablation_train_subset
     run.holdout = holdout
     if holdout:

@@ -14,7 +14,13 @@ import numpy as np
 
 from experiments import cifar as cifar_experiment
 from experiments.priors.probe import statistics_probe
-from experiments.priors.runs import Study, cifar_config, read_json, write_json
+from experiments.priors.runs import (
+    Study,
+    cifar_config,
+    read_json,
+    train_for_epochs,
+    write_json,
+)
 from normjax import calibrate
 from normjax.data import augment, cifar, samplers
 
@@ -174,8 +180,7 @@ def sweep_run(study: Study, norm: str, batch_size: int, seed: int) -> dict[str, 
     run = cifar_config(c, norm, seed)
     run.batch_size = batch_size
     run.learning_rate = c.cifar.learning_rate * batch_size / c.sweep_base_batch_size
-    run.num_epochs = c.sweep_epochs
-    run.num_steps = None
+    train_for_epochs(run, c.sweep_epochs)
     run.train_subset = c.sweep_train_subset
     run.log_every = max(1, min(run.log_every, 50))
     summary, model, task, state = cifar_experiment.train(run, str(workdir))

@@ -192,7 +192,6 @@ _NOT_CIFAR_ABLATION = frozenset(
         "ablation_rows",
         "ablation_small_batch_rows",
         "ablation_small_batch_budgets",
-        "ablation_learning_rates",
         "probe_norms",
         "probe_batch_sizes",
         "stats_train_images",
@@ -246,8 +245,13 @@ def restorable(
         old = {k: old.get(k) for k in _SHAPES_ABLATION_TEXT}
         new = {k: new.get(k) for k in _SHAPES_ABLATION_TEXT}
     else:
-        old = {k: v for k, v in old.items() if k not in _NOT_CIFAR_ABLATION}
-        new = {k: v for k, v in new.items() if k not in _NOT_CIFAR_ABLATION}
+        # The paired runs' learning rate is the grid's best: the grid shapes
+        # them (part ablation), not each grid point (part ablation_lr).
+        neutral = _NOT_CIFAR_ABLATION | (
+            {"ablation_learning_rates"} if part == "ablation_lr" else set()
+        )
+        old = {k: v for k, v in old.items() if k not in neutral}
+        new = {k: v for k, v in new.items() if k not in neutral}
     differ = sorted(differences(old, new))  # what logging and paths change not
     if differ:
         raise ValueError(
@@ -284,6 +288,21 @@ def cifar_config(
     run.norm = norm
     run.seed = seed
     return run
+
+
+def train_for_epochs(run: ml_collections.ConfigDict, epochs: float) -> None:
+    """Sets ``run`` to train ``epochs`` epochs (not the preset's step count).
+    A piecewise schedule's step boundaries become fractions of the preset's run
+    (ResNet-20's 32k and 48k of 64k: 1/2 and 3/4), so that they fall at the
+    same point of any budget; a boundary at or past the preset's end, which
+    its run never reached, is dropped."""
+    if run.get("schedule") == "piecewise" and run.get("num_steps"):
+        total = run.num_steps
+        run.boundaries = tuple(
+            b / total if b >= 1 else b for b in run.boundaries if b < total
+        )
+    run.num_epochs = epochs
+    run.num_steps = None
 
 
 def seeds_of(config: ml_collections.ConfigDict) -> list[int]:

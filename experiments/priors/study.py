@@ -148,7 +148,14 @@ def run_study(
         # The ablations' finished runs from the earlier results, where the run
         # would write its record (each keeps the results key it fills).
         for part in ("ablation_lr", "ablation", "ablation_text"):
-            records = restorable(config, config.restore_from, part)
+            try:
+                records = restorable(config, config.restore_from, part)
+            except ValueError as error:
+                if part in parts or (part == "ablation_lr" and "ablation" in parts):
+                    raise
+                # Not asked for now: its runs are left out, not mixed in.
+                print(f"[priors] not restored: {error}", flush=True)
+                continue
             for job in jobs:
                 if job.part == part and job.results_key:
                     record = records

@@ -31,6 +31,7 @@ from normjax.functional.core import (
     broadcast_mask,
     broadcast_shape,
     cast_output,
+    check_params,
     feature_layout,
     normalize,
     other_axes,
@@ -255,6 +256,7 @@ def batch_layer_norm(
     if one_pass:
         # Both parts, the mixture and the affine in one custom-VJP function.
         params = dict(params or {})
+        check_params(x.shape, params, feature_axes, name=name)
         y, mb, feature_moments = _bln_train(
             x,
             mask,

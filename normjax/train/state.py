@@ -86,12 +86,11 @@ def make_schedule(
         )
     elif name == "piecewise":
         factor = config.get("decay_factor", 0.1)
-        steps = [
-            int(b * total_steps) if 0 < b < 1 else int(b) for b in config.boundaries
-        ]
-        main = optax.piecewise_constant_schedule(
-            lr, {b - warmup: factor for b in steps}
-        )
+        scales: dict[int, float] = {}
+        for b in config.boundaries:  # two boundaries on one step decay twice
+            step = (int(b * total_steps) if 0 < b < 1 else int(b)) - warmup
+            scales[step] = scales.get(step, 1.0) * factor
+        main = optax.piecewise_constant_schedule(lr, scales)
     else:
         raise ValueError(
             f"unknown schedule {name!r}; use constant, linear, cosine or piecewise."
