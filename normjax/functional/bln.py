@@ -33,7 +33,6 @@ from normjax.functional.core import (
     cast_output,
     check_params,
     feature_layout,
-    normalize,
     other_axes,
     standardize,
 )
@@ -236,11 +235,9 @@ def batch_layer_norm(
     reduce_features = stats.canonicalize_axes(
         x.ndim, feature_reduction_axes, name=f"{name} feature_reduction_axes"
     )
-    # Training, non-causal: both parts through the fused normalize (its
-    # hand-derived backward pass), not autodiff through two sets of moments.
-    fused = train and mode is None
-    y_feature = None
-    one_pass = fused and axis_name is None and not jnp.iscomplexobj(x)
+    # Training, non-causal, on one device: one function with a hand-derived
+    # backward pass (``_bln_train``), not autodiff through two sets of moments.
+    one_pass = train and mode is None and axis_name is None and not jnp.iscomplexobj(x)
     # B counts the samples with at least one valid element: padding samples of a
     # masked batch are not samples.
     n = x.shape[0]
@@ -253,6 +250,11 @@ def batch_layer_norm(
         axis_name=axis_name,
         axis_index_groups=axis_index_groups,
     )[0]
+
+    def mix_weight(samples: Array) -> Array:
+        # 1/B in the computation's precision (float64 inputs: 1/5 is not float32's)
+        return 1.0 / jnp.maximum(samples.astype(jnp.result_type(x, jnp.float32)), 1.0)
+
     if one_pass:
         # Both parts, the mixture and the affine in one custom-VJP function.
         params = dict(params or {})
@@ -262,7 +264,7 @@ def batch_layer_norm(
             mask,
             params.get("scale"),
             params.get("bias"),
-            1.0 / jnp.maximum(samples.astype(jnp.result_type(x, jnp.float32)), 1.0),
+            mix_weight(samples),
             feature_axes,
             reduce_features,
             float(epsilon),
@@ -273,17 +275,12 @@ def batch_layer_norm(
         return _bln_training_output(
             y, b, feature_moments, batch_stats, samples, momentum, positions=False
         )
-    if fused:
-        y_feature, feature_moments = normalize(
-            x, reduce_features, epsilon=epsilon, mask=mask
-        )
-    else:
-        feature_moments = stats.moments(
-            x,
-            reduce_features,
-            mask=mask,
-            cumulative_axis=None if mode in (None, "running") else time_axis,
-        )
+    feature_moments = stats.moments(
+        x,
+        reduce_features,
+        mask=mask,
+        cumulative_axis=None if mode in (None, "running") else time_axis,
+    )
     b = batch_moments(
         x,
         feature_axes,
@@ -292,7 +289,6 @@ def batch_layer_norm(
         axis_index_groups=axis_index_groups,
         causal="per_position" if mode == "running" else mode,
         time_axis=time_axis,
-        epsilon=epsilon if fused else None,
     )
     if positions:
         time = time_axis_of(x, time_axis, feature_axes)
@@ -343,15 +339,10 @@ def batch_layer_norm(
         # Evaluation with population batch statistics mixes as training did:
         # with the training batch's B, whatever the evaluation batch holds.
         samples = batch_stats["samples"].reshape(())
-    # in the computation's precision (float64 inputs: 1/5 is not float32's)
-    weight = 1.0 / jnp.maximum(samples.astype(jnp.result_type(x, jnp.float32)), 1.0)
-    if fused:
-        assert y_feature is not None and b.normalized is not None
-        y = weight * y_feature + (1 - weight) * b.normalized
-    else:
-        y = weight * standardize(x, feature_part, epsilon, mask) + (
-            1 - weight
-        ) * standardize(x, batch_part, epsilon, mask)
+    weight = mix_weight(samples)
+    y = weight * standardize(x, feature_part, epsilon, mask) + (
+        1 - weight
+    ) * standardize(x, batch_part, epsilon, mask)
     y = cast_output(affine(y, params, feature_axes, name=name), x, dtype)
     if not train:
         return Normalized(y, batch_stats, {})
