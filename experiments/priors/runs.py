@@ -229,19 +229,25 @@ def restore_source(path: str) -> dict[str, Any]:
 
 
 def restorable(
-    config: ml_collections.ConfigDict, path: str, part: str
+    config: ml_collections.ConfigDict,
+    previous: dict[str, Any],
+    path: str,
+    part: str,
 ) -> dict[str, Any]:
-    """The records of ``part`` ('ablation_lr', 'ablation' or 'ablation_text')
-    in the results at ``path``, after checking they were made with the same
-    settings for that part as ``config``: runs trained otherwise would mix two
-    studies in one table. Empty when the file holds none."""
-    previous = restore_source(path)
+    """The records of ``part`` ('text', 'ablation_lr', 'ablation' or
+    'ablation_text') in ``previous`` (the results at ``path``), after checking
+    they were made with the same settings for that part as ``config``: runs
+    trained otherwise would mix two studies in one table. The text part is
+    checked whatever the file holds; an ablation part only when the file holds
+    records of it."""
     records = previous.get(part) or {}
-    if not records:
+    if not records and part != "text":
         return {}
     old = previous.get("config", {})
     new = json.loads(config.to_json_best_effort())
-    if part == "ablation_text":
+    if part == "text":  # the text preset alone shapes the text runs
+        old, new = old.get("text", {}), new["text"]
+    elif part == "ablation_text":
         old = {k: old.get(k) for k in _SHAPES_ABLATION_TEXT}
         new = {k: new.get(k) for k in _SHAPES_ABLATION_TEXT}
     else:

@@ -24,12 +24,12 @@ from experiments.priors.runs import (
     parts_of,
     restorable,
     restore_record,
+    restore_source,
     run_or_read,
     seeds_of,
     write_json,
 )
 from experiments.priors.text import (
-    restorable_text,
     text_jobs,
     text_key,
     text_record,
@@ -111,9 +111,6 @@ def run_study(
                     )
                 )
     # 5. The longest runs (the context sweep) last.
-    restored = (
-        restorable_text(config, config.restore_from) if config.restore_from else {}
-    )
     for kind, variant, tokenizer, extra in text_jobs(config):
         # A context length or batch size equal to the text preset's is the
         # tokenizer comparison's run: reuse it.
@@ -122,9 +119,6 @@ def run_study(
         for seed in seeds:
             run_dir = study.text_dir(variant, tokenizer, seed, **extra_run)
             key = text_key(kind, variant, tokenizer, extra)
-            record = restored.get(key, {}).get(str(seed))
-            if record is not None:
-                restore_record(run_dir / "summary.json", record, config.restore_from)
 
             def keep_text(summary, key: str = key, seed: int = seed):
                 results["text"].setdefault(key, {})[seed] = text_record(summary)
@@ -138,6 +132,7 @@ def run_study(
                         text_run, study, variant, tokenizer, seed, **extra_run
                     ),
                     keep_text,
+                    results_key=(key, str(seed)),
                 )
             )
 
@@ -145,13 +140,15 @@ def run_study(
     jobs += ablation.jobs(study, parts, seeds, results)
     jobs += ablation_text.jobs(study, parts, seeds, results)
     if config.restore_from:
-        # The ablations' finished runs from the earlier results, where the run
-        # would write its record (each keeps the results key it fills).
-        for part in ("ablation_lr", "ablation", "ablation_text"):
+        # The finished runs of the earlier results, where each run would write
+        # its record (each job keeps the results key it fills).
+        previous = restore_source(config.restore_from)
+        for part in ("text", "ablation_lr", "ablation", "ablation_text"):
             try:
-                records = restorable(config, config.restore_from, part)
+                records = restorable(config, previous, config.restore_from, part)
             except ValueError as error:
-                if part in parts or (part == "ablation_lr" and "ablation" in parts):
+                asked = part in parts or (part == "ablation_lr" and "ablation" in parts)
+                if part == "text" or asked:
                     raise
                 # Not asked for now: its runs are left out, not mixed in.
                 print(f"[priors] not restored: {error}", flush=True)

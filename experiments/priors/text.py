@@ -9,9 +9,8 @@ from typing import Any
 import ml_collections
 
 from experiments import text as text_experiment
-from experiments.priors.runs import Study, read_json, restore_source
+from experiments.priors.runs import Study, read_json
 from normjax import registry
-from normjax.train.resume import differences
 
 HEADLINE_TEXT_NORMS = ("batch", "layer", "prior")
 
@@ -122,25 +121,6 @@ def text_jobs(
 
     jobs += sorted(context, key=tokens_per_step)  # stable: shorter L first
     return jobs
-
-
-def restorable_text(
-    config: ml_collections.ConfigDict, path: str
-) -> dict[str, dict[str, Any]]:
-    """The text records of the study results at ``path`` (key -> seed -> record),
-    after checking they come from the same text configuration as ``config``:
-    restoring runs trained otherwise would mix two studies in one table."""
-    previous = restore_source(path)
-    old = previous.get("config", {}).get("text", {})
-    new = json.loads(config.text.to_json_best_effort())
-    differ = sorted(differences(old, new))  # what logging and paths change not
-    if differ:
-        raise ValueError(
-            f"restore_from={path!r} was made with another text configuration "
-            f"(differs in {', '.join(differ)}); its runs cannot stand for this "
-            "study's. Use the same preset, or leave restore_from unset."
-        )
-    return previous.get("text", {})
 
 
 def text_record(summary: dict[str, Any]) -> dict[str, Any]:
