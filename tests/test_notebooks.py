@@ -1,11 +1,13 @@
 """Every notebook in notebooks/ executes top to bottom (small settings, real data)."""
 
+import os
 import pathlib
 
 import nbclient
 import nbformat
 import pytest
 import tfds_data
+from conftest import TEST_XLA_FLAGS
 
 pytestmark = pytest.mark.slow  # real data
 
@@ -27,10 +29,16 @@ def test_every_notebook_is_built_from_a_source():
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_notebook_executes_without_errors(name):
+def test_notebook_executes_without_errors(name, monkeypatch):
     data_dir, why = tfds_data.find(DATA[name])
     if data_dir is None:
         pytest.skip(why)
+    # The notebooks train for real: their kernels compile optimized code, not at
+    # conftest.py's cheaper level for tests that mostly compile (slower here).
+    flags = os.environ.get("XLA_FLAGS", "")
+    for flag in TEST_XLA_FLAGS.split():
+        flags = flags.replace(flag, "")
+    monkeypatch.setenv("XLA_FLAGS", " ".join(flags.split()))
     # A copy, run where the original lives (its relative data path resolves the
     # same way); the committed notebook with its outputs is left untouched.
     notebook = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)

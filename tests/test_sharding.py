@@ -15,6 +15,9 @@ import textwrap
 import numpy as np
 import pytest
 
+# conftest.py's compile settings, kept when a test adds to XLA_FLAGS
+_FLAGS = os.environ.get("XLA_FLAGS", "")
+
 pytestmark = pytest.mark.slow  # 8 simulated devices and 2 processes, in subprocesses
 
 DEVICES = 8
@@ -130,7 +133,7 @@ _SCRIPT = textwrap.dedent(
 def results():
     env = {
         **os.environ,
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES}",
+        "XLA_FLAGS": f"{_FLAGS} --xla_force_host_platform_device_count={DEVICES}",
         "JAX_PLATFORMS": "cpu",
     }
     proc = subprocess.run(
@@ -200,7 +203,7 @@ def test_two_hosts_pool_batch_statistics_over_the_global_batch():
         address = f"localhost:{s.getsockname()[1]}"
     env = {
         **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+        "XLA_FLAGS": f"{_FLAGS} --xla_force_host_platform_device_count=2",
         "JAX_PLATFORMS": "cpu",
     }
     procs = [

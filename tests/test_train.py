@@ -17,6 +17,9 @@ from normjax import train
 from normjax.train import loop, resume
 from normjax.train.state import make_schedule
 
+# conftest.py's compile settings, kept when a test adds to XLA_FLAGS
+_FLAGS = os.environ.get("XLA_FLAGS", "")
+
 
 def test_train_step_lowers_the_loss_on_a_fixed_batch():
     task = SyntheticTask(config())
@@ -248,7 +251,10 @@ _DEVICES_SCRIPT = textwrap.dedent(
 
 
 def _run_on_devices(n, workdir):
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"}
+    env = {
+        **os.environ,
+        "XLA_FLAGS": f"{_FLAGS} --xla_force_host_platform_device_count={n}",
+    }
     script = _DEVICES_SCRIPT.format(tests=os.path.dirname(__file__))
     out = subprocess.run(
         [sys.executable, "-c", script, str(workdir)],
