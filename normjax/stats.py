@@ -234,10 +234,11 @@ def _square_sum(deviation: Array, valid: Array | None, axes: tuple[int, ...]) ->
     return reduce_sum(squares, axes)
 
 
-# One pass is exact enough while every slot's mean^2 <= _ONE_PASS_RATIO * var:
+# One pass is exact enough while every slot's mean^2 <= ONE_PASS_RATIO * var:
 # the cancellation in sum(x^2) - n mean^2 then costs at most a factor
-# (1 + ratio) of float32 rounding.
-_ONE_PASS_RATIO = 3.0
+# (1 + ratio) of float32 rounding. (functional.core's backward uses the same
+# bound for its sums of dy * x.)
+ONE_PASS_RATIO = 3.0
 
 
 def _centred_moments(
@@ -276,7 +277,7 @@ def _centred_moments(
     def exact() -> Array:
         return _square_sum(x.astype(dtype) - mean, valid, axes)
 
-    safe = jnp.all(count * mean * mean <= _ONE_PASS_RATIO * m2_fast)
+    safe = jnp.all(count * mean * mean <= ONE_PASS_RATIO * m2_fast)
     m2 = jax.lax.cond(safe, lambda: jnp.maximum(m2_fast, 0.0), exact)
     return mean, m2
 
