@@ -202,13 +202,13 @@ def _normalize_bwd(
     shape = broadcast_shape(x.shape, feature_axes)
     scale_b = None if scale is None else scale.reshape(shape).astype(dtype)
     pooled = tuple(a for a in axes if a not in feature_axes)
-    # Batch, group and instance norm without a mask: where every slot's
+    # Batch, group and instance norm, centred, without a mask: where every slot's
     # |mean| <= sqrt(3) std (the forward's one-pass bound), the partial sums of
     # dy c are sum(dy x) - mean sum(dy), which loses no more than float32
     # rounding of a few std; otherwise (lax.cond, one branch runs) the centred
     # sums. Then c feeds dx alone: XLA:CPU writes out in full a c shared by a
     # reduction and dx (group norm's full-size temporary in the compiled step).
-    guarded = mask is None and bool(pooled)
+    guarded = mask is None and center and bool(pooled)
     safe = jnp.all(mean * mean * (r * r) <= stats.ONE_PASS_RATIO) if guarded else None
     # The mean term sums g over the valid positions only (a masked output is the
     # bias, whatever the mean): dy itself may be anything at padding.
