@@ -220,6 +220,20 @@ def test_max_pool_equals_flax_with_ties(shape):
     np.testing.assert_array_equal(dx.ravel(), [1.0, 0.0, 0.0, 0.0])
 
 
+def test_max_pool_nan_window_propagates_and_passes_no_gradient():
+    x = np.arange(2 * 5 * 4 * 2, dtype=np.float32).reshape(2, 5, 4, 2)
+    x[0, 1, 0, 1] = np.nan  # window (0, 0) of channel 1, sample 0
+    dy = np.ones((2, 2, 2, 2), np.float32)
+    y, dx = jax.jit(lambda x, dy: _value_and_vjp(max_pool_2x2, x, dy))(x, dy)
+    y, dx = np.asarray(y), np.asarray(dx)
+    assert np.isnan(y[0, 0, 0, 1]) and np.isfinite(np.delete(y.ravel(), 1)).all()
+    np.testing.assert_array_equal(dx[0, :2, :2, 1], 0.0)  # the NaN window
+    # every other window: all of its gradient to its maximum (the last corner
+    # here, values increasing); the odd last row none
+    assert dx.sum() == dy.sum() - 1 and (dx[:, 4] == 0).all()
+    np.testing.assert_array_equal(dx[1, 1::2, 1::2], 1.0)
+
+
 @pytest.mark.slow  # a benchmark run
 def test_benchmark_runs(capsys):
     from benchmarks import conv as bench
