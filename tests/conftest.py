@@ -26,6 +26,15 @@ if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
         f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
     )
 
+
+def xla_flags_with_devices(n: int) -> str:
+    """XLA_FLAGS for a subprocess with ``n`` simulated CPU devices, keeping the
+    settings above."""
+    return (
+        f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}"
+    )
+
+
 _CACHE = pathlib.Path(__file__).resolve().parent.parent / ".pytest_cache"
 jax.config.update("jax_compilation_cache_dir", str(_CACHE / "jax"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)

@@ -9,15 +9,13 @@ import textwrap
 import numpy as np
 import pytest
 import tfds_data
+from conftest import xla_flags_with_devices
 from run_metrics import jsonl_scalars, tensorboard_scalars, train_rows
 
 from experiments import cifar as experiment
 from experiments.configs import cifar as configs
 from normjax.data.cifar import DataNotFoundError
 from normjax.train.resume import ConfigMismatchError
-
-# conftest.py's compile settings, kept when a test adds to XLA_FLAGS
-_FLAGS = os.environ.get("XLA_FLAGS", "")
 
 DATA_DIR, _WHY = tfds_data.find("cifar10")
 needs_data = tfds_data.needs("cifar10")
@@ -115,7 +113,7 @@ _SCRIPT = textwrap.dedent(
 def _losses(devices, workdir):
     env = {
         **os.environ,
-        "XLA_FLAGS": f"{_FLAGS} --xla_force_host_platform_device_count={devices}",
+        "XLA_FLAGS": xla_flags_with_devices(devices),
         "PYTHONPATH": os.pathsep.join(sys.path),
     }
     subprocess.run(

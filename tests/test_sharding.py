@@ -14,9 +14,7 @@ import textwrap
 
 import numpy as np
 import pytest
-
-# conftest.py's compile settings, kept when a test adds to XLA_FLAGS
-_FLAGS = os.environ.get("XLA_FLAGS", "")
+from conftest import xla_flags_with_devices
 
 pytestmark = pytest.mark.slow  # 8 simulated devices and 2 processes, in subprocesses
 
@@ -133,7 +131,7 @@ _SCRIPT = textwrap.dedent(
 def results():
     env = {
         **os.environ,
-        "XLA_FLAGS": f"{_FLAGS} --xla_force_host_platform_device_count={DEVICES}",
+        "XLA_FLAGS": xla_flags_with_devices(DEVICES),
         "JAX_PLATFORMS": "cpu",
     }
     proc = subprocess.run(
@@ -203,7 +201,7 @@ def test_two_hosts_pool_batch_statistics_over_the_global_batch():
         address = f"localhost:{s.getsockname()[1]}"
     env = {
         **os.environ,
-        "XLA_FLAGS": f"{_FLAGS} --xla_force_host_platform_device_count=2",
+        "XLA_FLAGS": xla_flags_with_devices(2),
         "JAX_PLATFORMS": "cpu",
     }
     procs = [

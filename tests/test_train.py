@@ -10,15 +10,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import xla_flags_with_devices
 from run_metrics import jsonl_scalars, tensorboard_scalars
 from synthetic_task import Net, SyntheticTask, config
 
 from normjax import train
 from normjax.train import loop, resume
 from normjax.train.state import make_schedule
-
-# conftest.py's compile settings, kept when a test adds to XLA_FLAGS
-_FLAGS = os.environ.get("XLA_FLAGS", "")
 
 
 def test_train_step_lowers_the_loss_on_a_fixed_batch():
@@ -253,7 +251,7 @@ _DEVICES_SCRIPT = textwrap.dedent(
 def _run_on_devices(n, workdir):
     env = {
         **os.environ,
-        "XLA_FLAGS": f"{_FLAGS} --xla_force_host_platform_device_count={n}",
+        "XLA_FLAGS": xla_flags_with_devices(n),
     }
     script = _DEVICES_SCRIPT.format(tests=os.path.dirname(__file__))
     out = subprocess.run(
