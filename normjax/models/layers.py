@@ -301,15 +301,27 @@ def _max_pool_fwd(x: Array) -> tuple[Array, tuple[Array, Array]]:
 def _max_pool_bwd(residuals: tuple[Array, Array], dy: Array) -> tuple[Array]:
     x, y = residuals
     n, h, w, c = x.shape
-    taken = jnp.zeros(y.shape, bool)
-    grads = []
-    for corner in _window_corners(x):
-        first = (corner == y) & ~taken
-        taken = taken | first
-        grads.append(jnp.where(first, dy, jnp.zeros_like(dy)))
-    # Corners (a, b) -> (N, h/2, a, w/2, b, C): interleaved without a transpose.
-    rows = [jnp.stack(grads[2 * a : 2 * a + 2], 3) for a in (0, 1)]
-    dx = jnp.stack(rows, 2).reshape(n, h - h % 2, w - w % 2, c)
+    h2, w2 = h // 2, w // 2
+    # Which corner took each window's maximum: its first, in row-major order;
+    # 4 where none did (a NaN window passes no gradient).
+    winner = jnp.full(y.shape, 4, jnp.int8)
+    for k, corner in reversed(list(enumerate(_window_corners(x)))):
+        winner = jnp.where(corner == y, jnp.int8(k), winner)
+
+    # One elementwise pass over the (cropped) input: each element takes its
+    # window's gradient where it is the window's winner. Window values are
+    # broadcast over their 2x2 block (no stacks or concatenations, which XLA
+    # emits once per operand inside a fusion).
+    def up(v: Array) -> Array:
+        v = jnp.broadcast_to(v[:, :, None, :, None], (n, h2, 2, w2, 2, c))
+        return v.reshape(n, 2 * h2, 2 * w2, c)
+
+    block = (1, h2, 2, w2, 2, 1)
+    corner = 2 * lax.broadcasted_iota(jnp.int8, block, 2) + lax.broadcasted_iota(
+        jnp.int8, block, 4
+    )
+    corner = corner.reshape(1, 2 * h2, 2 * w2, 1)
+    dx = jnp.where(up(winner) == corner, up(dy), jnp.zeros((), dy.dtype))
     return (jnp.pad(dx, ((0, 0), (0, h % 2), (0, w % 2), (0, 0))),)
 
 
