@@ -298,6 +298,36 @@ def test_a_diverged_grid_point_is_recorded_and_ranks_last(tmp_path, monkeypatch)
     assert any("| batch | 20.00 | diverged | 0.1 (grid edge) |" in x for x in markdown)
 
 
+def test_tables_take_runs_another_process_finished_while_this_one_ran(
+    tmp_path, monkeypatch
+):
+    # Two processes share a workdir: a run the other process held when this one
+    # passed it (no record yet) and finished before this one's end belongs in
+    # this one's tables as it does in the count of finished runs.
+    from experiments.priors import study as priors_study
+
+    config = configs.get_config("smoke")
+    config.parts = "ablation_lr"
+    config.ablation_rows = ("batch",)
+    config.ablation_learning_rates = (0.1, 0.4)
+    config.ablation_text_norms = ()
+
+    def run_or_read(path, run_now, run):
+        if "ablation_lr_" not in str(path):  # other parts: none finished
+            return None
+        record = {"holdout_accuracy": 0.5, "train_loss": 1.0}
+        runs.write_json(path, record)
+        # lr 0.4: held by the other process when passed, on disk at the end
+        return None if "lr0.4" in str(path) else record
+
+    monkeypatch.setattr(priors_study, "run_or_read", run_or_read)
+    results = priors.run_study(config, str(tmp_path))
+    assert set(results["ablation_lr"]["batch"]) == {"0.1", "0.4"}
+    assert results["header"]["finished_runs"]["ablation_lr"] == "2/2"
+    markdown = (tmp_path / "results.md").read_text()
+    assert "| batch | 50.00 | 50.00 | 0.1 (grid edge) |" in markdown
+
+
 def test_learning_rate_choice_skips_diverged_runs_and_prefers_smaller_on_ties():
     records = {
         0.1: {"holdout_accuracy": 0.5, "train_loss": 1.0},

@@ -22,6 +22,7 @@ from experiments.priors.runs import (
     Progress,
     Study,
     parts_of,
+    read_json,
     restorable,
     restore_record,
     restore_source,
@@ -161,13 +162,24 @@ def run_study(
                     restore_record(job.record, record, config.restore_from)
 
     progress = Progress(jobs)
+    missing = []
     for job in jobs:
         record = run_or_read(job.record, job.run_now, progress.timed(job))
         if job.part == "text":  # runs reused by two comparisons count once
             text_runs[job.record.parent] = bool(record)
         if record:
             job.keep(record)
+        else:
+            missing.append(job)
     progress.close()
+    # Runs that another process held (or had not finished) when this one passed
+    # them may have finished since: the tables take every record on disk now.
+    for job in missing:
+        record = read_json(job.record)
+        if record:
+            if job.part == "text":
+                text_runs[job.record.parent] = True
+            job.keep(record)
     probe_done = sum(map(len, results["probe"].values()))
     sweep_done = sum(len(r) for n in results["sweep"].values() for r in n.values())
     sweep_planned = len(config.sweep_norms) * len(config.sweep_batch_sizes) * len(seeds)
