@@ -326,6 +326,11 @@ def test_tables_take_runs_another_process_finished_while_this_one_ran(
     assert results["header"]["finished_runs"]["ablation_lr"] == "2/2"
     markdown = (tmp_path / "results.md").read_text()
     assert "| batch | 50.00 | 50.00 | 0.1 (grid edge) |" in markdown
+    # the parts this workdir has no run of get one line, not empty tables
+    assert "Sections 1-6 (parts probe, stats, sweep, text): no finished runs" in (
+        markdown
+    )
+    assert "## 1. Test accuracy" not in markdown
 
 
 def test_learning_rate_choice_skips_diverged_runs_and_prefers_smaller_on_ties():

@@ -221,8 +221,9 @@ def write_markdown(
         "# The priors study: per-sample vs batch statistics",
         "",
         f"- command: `{h['command']}` (in parts: the same command with "
-        "`--config.parts=probe,stats`, `sweep`, `text`; every call rebuilds these "
-        "tables and plots from the finished runs)",
+        "`--config.parts=probe,stats`, `sweep`, `text`, `ablation_lr`, `ablation`, "
+        "`ablation_text`; every call rebuilds these tables and plots from the "
+        "finished runs)",
         f"- date: {h['date']}",
         f"- machine: {h['machine']}",
         f"- seeds: {h['seeds']}; every cell is mean ± std over the seeds that "
@@ -236,6 +237,9 @@ def write_markdown(
             else []
         ),
         "",
+    ]
+    first_study = len(lines)
+    lines += [
         "## 1. Test accuracy (%) by statistics source (CIFAR-10)",
         "",
     ]
@@ -323,9 +327,34 @@ def write_markdown(
             f"| {measure} | {norm} | {fmt(big, scale, digits)} | "
             f"{fmt(little, scale, digits)} |"
         )
-    lines += ablation_section(results, config)
-    lines += ablation_text_section(results, config)
+    # A workdir that ran only some parts (e.g. the ablation alone) gets one line
+    # for the sections of the parts it has no finished run of, not empty tables.
+    if not any(_finished(h, part) for part in ("probe", "sweep", "text")):
+        lines[first_study:] = [
+            "Sections 1-6 (parts probe, stats, sweep, text): no finished runs in "
+            "this workdir.",
+        ]
+    ablation_lines = ablation_section(results, config)
+    ablation_lines += ablation_text_section(results, config)
+    if any(_finished(h, p) for p in ("ablation_lr", "ablation", "ablation_text")):
+        lines += ablation_lines
+    else:
+        lines += [
+            "",
+            "Sections 7-8 (parts ablation_lr, ablation, ablation_text): no "
+            "finished runs in this workdir.",
+        ]
     path.write_text("\n".join(lines) + "\n")
+
+
+def _finished(header: dict[str, Any], part: str) -> bool:
+    """Whether ``part`` has a finished run ('n/m' in the header with n > 0; a
+    part the header does not list has none planned). Results written before the
+    header counted runs: true."""
+    if "finished_runs" not in header:
+        return True
+    count = header["finished_runs"].get(part)
+    return count is not None and int(str(count).split("/")[0]) > 0
 
 
 def _pct_difference(a: dict[Any, Any], b: dict[Any, Any], key: str) -> str:
