@@ -333,6 +333,101 @@ def test_tables_take_runs_another_process_finished_while_this_one_ran(
     assert "## 1. Test accuracy" not in markdown
 
 
+def _lr_record(accuracy):
+    if accuracy is None:
+        return {"holdout_accuracy": float("nan"), "train_loss": float("nan")}
+    return {"holdout_accuracy": accuracy, "train_loss": 1.0}
+
+
+def test_a_grid_grows_past_the_edge_its_best_rate_is_at():
+    base = (0.2, 0.4, 0.8)
+
+    def state(accuracies, extend=2):
+        records = {r: _lr_record(a) for r, a in accuracies.items()}
+        return ablation.grid_rates(base, records, extend)
+
+    assert state({}) == ([0.2, 0.4, 0.8], False)
+    # interior best: complete as it is
+    assert state({0.2: 0.5, 0.4: 0.7, 0.8: 0.6}) == ([0.2, 0.4, 0.8], True)
+    # best at the top: one more rate up, at the grid's ratio
+    assert state({0.2: 0.5, 0.4: 0.6, 0.8: 0.7}) == ([0.2, 0.4, 0.8, 1.6], False)
+    assert state({0.2: 0.5, 0.4: 0.6, 0.8: 0.7, 1.6: 0.65}) == (
+        [0.2, 0.4, 0.8, 1.6],
+        True,
+    )
+    # still the best at the edge: at most `extend` more, then complete there
+    grown = {0.2: 0.5, 0.4: 0.6, 0.8: 0.7, 1.6: 0.8, 3.2: 0.9}
+    assert state(grown) == ([0.2, 0.4, 0.8, 1.6, 3.2], True)
+    assert state(grown, extend=0)[0] == [0.2, 0.4, 0.8]
+    # best at the bottom, or every rate diverged: down
+    assert state({0.2: 0.7, 0.4: 0.6, 0.8: 0.5})[0] == [0.1, 0.2, 0.4, 0.8]
+    diverged = {0.2: None, 0.4: None, 0.8: None, 0.1: None, 0.05: None}
+    assert state(diverged) == ([0.05, 0.1, 0.2, 0.4, 0.8], True)
+    assert ablation.grid_rates((0.1, 0.4), {0.1: _lr_record(0.6)}, 2) == (
+        [0.1, 0.4],
+        False,
+    )
+    assert ablation.grid_rates(
+        (0.1, 0.4), {0.1: _lr_record(0.6), 0.4: _lr_record(0.5)}, 1
+    ) == ([0.025, 0.1, 0.4], False)
+
+
+def test_a_study_grows_a_grid_within_one_call(tmp_path, monkeypatch):
+    # The grid's edge runs finish, the grid grows, and the new rates run in the
+    # same call (not only the next), restored runs included.
+    config = configs.get_config("smoke")
+    config.parts = "ablation_lr"
+    config.ablation_rows = ("batch",)
+    config.ablation_learning_rates = (0.1, 0.4)
+    config.ablation_lr_extend = 2
+    config.ablation_text_norms = ()
+    accuracy = {0.1: 0.5, 0.4: 0.6, 1.6: 0.7, 6.4: 0.65}
+    ran = []
+
+    def lr_run(study, name, lr):  # as ablation.lr_run: a finished run is read
+        path = ablation.lr_dir(study, name, lr) / "lr.json"
+        if path.exists():
+            return runs.read_json(path)
+        ran.append(lr)
+        record = _lr_record(accuracy[lr])
+        runs.write_json(ablation.lr_dir(study, name, lr) / "lr.json", record)
+        return record
+
+    monkeypatch.setattr(ablation, "lr_run", lr_run)
+    results = priors.run_study(config, str(tmp_path / "a"))
+    assert sorted(ran) == [0.1, 0.4, 1.6, 6.4]
+    assert set(results["ablation_lr"]["batch"]) == {"0.1", "0.4", "1.6", "6.4"}
+    assert results["header"]["finished_runs"]["ablation_lr"] == "4/4"
+    assert ablation.best_learning_rate(runs.Study(config, tmp_path / "a"), "batch") == (
+        1.6
+    )
+    markdown = (tmp_path / "a" / "results.md").read_text()
+    assert "| batch | 50.00 | 60.00 | 70.00 | 65.00 | 1.6 |" in markdown
+    # a fresh workdir restores every rate, the grown ones too, and runs none
+    ran.clear()
+    config.restore_from = str(tmp_path / "a" / "results.json")
+    again = priors.run_study(config, str(tmp_path / "b"))
+    assert ran == []
+    assert (
+        again["ablation_lr"]["batch"].keys() == results["ablation_lr"]["batch"].keys()
+    )
+
+
+def test_a_paired_run_at_a_rate_the_grid_no_longer_chooses_is_set_aside(tmp_path):
+    workdir = tmp_path / "ablation_batch_short_b256_s0"
+    runs.write_json(workdir / "ablation.json", {"learning_rate": 0.8})
+    ablation.set_aside_other_rate(workdir, 0.8)  # the same rate: kept
+    assert (workdir / "ablation.json").exists()
+    ablation.set_aside_other_rate(workdir, 1.6)
+    assert not workdir.exists()
+    moved = tmp_path / "ablation_batch_short_b256_s0.lr0.8"
+    assert runs.read_json(moved / "ablation.json") == {"learning_rate": 0.8}
+    # an unfinished run (config.json only) at another rate is set aside too
+    runs.write_json(workdir / "config.json", {"learning_rate": 0.8})
+    ablation.set_aside_other_rate(workdir, 1.6)
+    assert (tmp_path / "ablation_batch_short_b256_s0.lr0.8.2").exists()
+
+
 def test_learning_rate_choice_skips_diverged_runs_and_prefers_smaller_on_ties():
     records = {
         0.1: {"holdout_accuracy": 0.5, "train_loss": 1.0},

@@ -115,6 +115,9 @@ def base() -> ml_collections.ConfigDict:
         "prior",
     )
     config.ablation_learning_rates = (0.2, 0.4, 0.8)
+    # A row whose best rate is at an edge of that grid gets up to this many more
+    # rates past the edge (continuing the grid's ratio), one at a time.
+    config.ablation_lr_extend = 2
     config.ablation_holdout = 5000
     config.ablation_lr_seed = 0
     config.ablation_budgets = ml_collections.ConfigDict({"short": 2.0, "long": 6.0})
@@ -216,6 +219,7 @@ def smoke() -> ml_collections.ConfigDict:
     config.headline_small_batch = 4
     config.ablation_rows = ("batch", "layer_chw", "mix", "none_wn")
     config.ablation_learning_rates = (0.1, 0.4)
+    config.ablation_lr_extend = 0
     config.ablation_holdout = 100
     config.ablation_batch_size = 32
     config.ablation_train_subset = 356  # 256 after the held-out 100

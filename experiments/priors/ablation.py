@@ -20,6 +20,7 @@ import dataclasses
 import json
 import math
 import pathlib
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -214,16 +215,62 @@ def lr_run(study: Study, name: str, lr: float) -> dict[str, Any]:
     return record
 
 
+def grid_rates(
+    base: Sequence[float], records: Mapping[float, Any], extend: int
+) -> tuple[list[float], bool]:
+    """The learning rates a row's grid needs, and whether it is complete, given
+    the ``records`` finished so far (by rate). The grid starts at ``base``;
+    while its best rate is at an edge it grows past that edge by the grid's
+    outer step (up: x max/second max; down: / second min/min; x2 for a single
+    rate), at most ``extend`` rates each way. Every rate diverged: it grows
+    down. Incomplete while a needed rate has no record."""
+    rates = sorted({float(r) for r in base})
+    up = down = 0
+    while True:
+        if any(r not in records for r in rates):
+            return rates, False
+        best = choose_learning_rate({r: records[r] for r in rates})
+        diverged = all(not np.isfinite(records[r]["train_loss"]) for r in rates)
+        step_up = rates[-1] / rates[-2] if len(rates) > 1 else 2.0
+        step_down = rates[1] / rates[0] if len(rates) > 1 else 2.0
+        if not diverged and best == rates[-1] and up < extend:
+            rates.append(float(f"{rates[-1] * step_up:.6g}"))
+            up += 1
+        elif (diverged or best == rates[0]) and down < extend:
+            rates.insert(0, float(f"{rates[0] / step_down:.6g}"))
+            down += 1
+        else:
+            return rates, True
+
+
+def grid_records(study: Study, name: str) -> tuple[dict[float, Any], list[float], bool]:
+    """A row's grid records on disk (by rate), the rates it needs, and whether
+    it is complete (``grid_rates``)."""
+    c = study.config
+    records: dict[float, Any] = {}
+    while True:
+        rates, complete = grid_rates(
+            c.ablation_learning_rates, records, c.get("ablation_lr_extend", 0)
+        )
+        new = {
+            r: record
+            for r in rates
+            if r not in records
+            and (record := read_json(lr_dir(study, name, r) / "lr.json")) is not None
+        }
+        if not new:
+            return records, rates, complete
+        records.update(new)
+
+
 def best_learning_rate(study: Study, name: str) -> float | None:
     """The grid's learning rate with the best held-out accuracy (a diverged run,
-    NaN loss, counts as worst), or None while a grid run is missing."""
-    records = {}
-    for lr in study.config.ablation_learning_rates:
-        record = read_json(lr_dir(study, name, lr) / "lr.json")
-        if record is None:
-            return None
-        records[float(lr)] = record
-    return choose_learning_rate(records)
+    NaN loss, counts as worst), or None while the row's grid is incomplete
+    (a rate missing, or the best at an edge it still grows past)."""
+    records, rates, complete = grid_records(study, name)
+    if not complete:
+        return None
+    return choose_learning_rate({r: records[r] for r in rates})
 
 
 def choose_learning_rate(records: dict[float, dict[str, Any]]) -> float:
@@ -494,11 +541,11 @@ def main_run(
     while the row's learning-rate grid is unfinished."""
     workdir = main_dir(study, name, budget, batch_size, seed)
     path = workdir / "ablation.json"
-    if path.exists():
-        return read_json(path)
     c = study.config
     best = best_learning_rate(study, name)
     if best is None:
+        if path.exists():  # the grid grew since: the record's rate may be stale
+            return None
         print(
             f"[priors] ablation {workdir.name}: waits for its learning-rate grid "
             "(run --config.parts=ablation_lr first, or alongside)",
@@ -506,6 +553,9 @@ def main_run(
         )
         return None
     lr = best * batch_size / c.ablation_batch_size
+    set_aside_other_rate(workdir, lr)
+    if path.exists():
+        return read_json(path)
     print(
         f"[priors] ablation run: row={name} budget={budget} batch={batch_size} "
         f"seed={seed} lr={lr:g}",
@@ -536,6 +586,30 @@ def main_run(
     return record
 
 
+def set_aside_other_rate(workdir: pathlib.Path, lr: float) -> None:
+    """Moves a run made at another learning rate than the row's grid now
+    chooses (the grid grew past an edge since) to ``<workdir>.lr<rate>``: kept,
+    not counted, and not resumed at the new rate."""
+    record = read_json(workdir / "ablation.json")
+    config = read_json(workdir / "config.json")
+    old = (record or {}).get("learning_rate")
+    if old is None and config is not None:
+        old = config.get("learning_rate")
+    if old is None or math.isclose(old, lr, rel_tol=1e-9):
+        return
+    target = workdir.with_name(f"{workdir.name}.lr{old:g}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = workdir.with_name(f"{workdir.name}.lr{old:g}.{n}")
+    workdir.rename(target)
+    print(
+        f"[priors] {workdir.name}: made at lr {old:g}, the grid now chooses "
+        f"{lr:g}; moved to {target.name}, run again",
+        flush=True,
+    )
+
+
 def jobs(
     study: Study, parts: set[str], seeds: list[int], results: dict[str, Any]
 ) -> list[Job]:
@@ -547,7 +621,7 @@ def jobs(
     out: list[Job] = []
     grid = results.setdefault("ablation_lr", {})
     for name in selected_rows(c):
-        for lr in c.ablation_learning_rates:
+        for lr in grid_records(study, name)[1]:  # the rates it needs so far
 
             def keep_lr(record: Any, name: str = name, lr: float = lr) -> None:
                 grid.setdefault(name, {})[f"{lr:g}"] = record
@@ -563,6 +637,7 @@ def jobs(
                 )
             )
     table = results.setdefault("ablation", {})
+    chosen: dict[str, float | None] = {}
     settings = [(b, c.ablation_batch_size) for b in budgets(c)]
     settings += [(b, c.ablation_small_batch) for b in c.ablation_small_batch_budgets]
     for budget, batch_size in settings:
@@ -572,6 +647,15 @@ def jobs(
             else small_batch_rows(c)
         )
         for name in names:
+            best = chosen.setdefault(name, best_learning_rate(study, name))
+            lr = None if best is None else best * batch_size / c.ablation_batch_size
+
+            def current(record: Any, lr: float | None = lr) -> bool:
+                # made at the rate the row's (complete) grid chooses now
+                return lr is not None and math.isclose(
+                    record.get("learning_rate", math.nan), lr, rel_tol=1e-9
+                )
+
             for seed in seeds:
 
                 def keep(
@@ -579,8 +663,10 @@ def jobs(
                     key: str = f"{budget} b{batch_size}",
                     name: str = name,
                     seed: int = seed,
+                    current: Any = current,
                 ) -> None:
-                    table.setdefault(key, {}).setdefault(name, {})[seed] = record
+                    if current(record):  # a stale rate's run is not this row's
+                        table.setdefault(key, {}).setdefault(name, {})[seed] = record
 
                 out.append(
                     Job(
@@ -592,6 +678,7 @@ def jobs(
                             study, n, b, bs, s
                         ),
                         keep,
+                        finished=current,
                         results_key=(f"{budget} b{batch_size}", name, str(seed)),
                     )
                 )

@@ -398,14 +398,16 @@ def ablation_section(
 ) -> list[str]:
     """Section 7: the learning-rate grid, then a table per (budget, batch size)
     with every column, differences against batch norm paired by seed."""
-    from experiments.priors.ablation import choose_learning_rate, rows
+    from experiments.priors.ablation import choose_learning_rate, grid_rates, rows
 
     rows_of = tuple(config.get("ablation_rows") or ())
     if not rows_of:
         return []
     known = rows(config)
     grid = results.get("ablation_lr", {})
-    lrs = [f"{lr:g}" for lr in config.ablation_learning_rates]
+    rates = {float(lr) for lr in config.ablation_learning_rates}
+    rates |= {float(lr) for row in grid.values() for lr in row}
+    lrs = [f"{lr:g}" for lr in sorted(rates)]
     lines = [
         "",
         "## 7. Ablation: batch norm taken apart (CIFAR-10)",
@@ -414,7 +416,10 @@ def ablation_section(
         f"training images after the short budget "
         f"({min(config.ablation_budgets.values()):g} epochs, batch "
         f"{config.ablation_batch_size}, seed {config.ablation_lr_seed}); the best "
-        "is used (scaled linearly with the batch size at the small batch).",
+        "is used (scaled linearly with the batch size at the small batch). A row "
+        "whose best is at an edge of the grid gets up to "
+        f"{config.get('ablation_lr_extend', 0)} more rates past that edge; "
+        "'grid edge': still the best at the edge after them.",
         "",
         "| row | " + " | ".join(f"lr {lr}" for lr in lrs) + " | chosen |",
         "| --- |" + " --- |" * (len(lrs) + 1),
@@ -431,14 +436,16 @@ def ablation_section(
             else:
                 cells.append(f"{100 * r['holdout_accuracy']:.2f}")
         chosen = None
-        if len(per_lr) == len(lrs):
-            best = choose_learning_rate({float(k): v for k, v in per_lr.items()})
-            grid_ends = (
-                min(config.ablation_learning_rates),
-                max(config.ablation_learning_rates),
-            )
-            edge = " (grid edge)" if best in grid_ends and len(lrs) > 1 else ""
-            chosen = f"{best:g}{edge}"
+        records = {float(k): v for k, v in per_lr.items()}
+        needed, complete = grid_rates(
+            config.ablation_learning_rates,
+            records,
+            config.get("ablation_lr_extend", 0),
+        )
+        if complete:
+            best = choose_learning_rate({r: records[r] for r in needed})
+            edge = " (grid edge)" if best in (needed[0], needed[-1]) else ""
+            chosen = f"{best:g}{edge if len(needed) > 1 else ''}"
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {chosen or '—'} |")
     lines += [
         "",

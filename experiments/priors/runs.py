@@ -254,7 +254,9 @@ def restorable(
         # The paired runs' learning rate is the grid's best: the grid shapes
         # them (part ablation), not each grid point (part ablation_lr).
         neutral = _NOT_CIFAR_ABLATION | (
-            {"ablation_learning_rates"} if part == "ablation_lr" else set()
+            {"ablation_learning_rates", "ablation_lr_extend"}
+            if part == "ablation_lr"
+            else set()
         )
         old = {k: v for k, v in old.items() if k not in neutral}
         new = {k: v for k, v in new.items() if k not in neutral}

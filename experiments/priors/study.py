@@ -140,6 +140,7 @@ def run_study(
     # 7. The ablation, last: the longest part.
     jobs += ablation.jobs(study, parts, seeds, results)
     jobs += ablation_text.jobs(study, parts, seeds, results)
+    restorable_records: dict[str, dict[str, Any]] = {}
     if config.restore_from:
         # The finished runs of the earlier results, where each run would write
         # its record (each job keeps the results key it fills).
@@ -154,27 +155,73 @@ def run_study(
                 # Not asked for now: its runs are left out, not mixed in.
                 print(f"[priors] not restored: {error}", flush=True)
                 continue
-            for job in jobs:
-                if job.part == part and job.results_key:
-                    record = records
-                    for key in job.results_key:
-                        record = (record or {}).get(key)
-                    restore_record(job.record, record, config.restore_from)
+            restorable_records[part] = records
+
+    def restore(planned: list[Job]) -> None:
+        for job in planned:
+            if job.part in restorable_records and job.results_key:
+                record: Any = restorable_records[job.part]
+                for key in job.results_key:
+                    record = (record or {}).get(key)
+                restore_record(job.record, record, config.restore_from)
+
+    def replan_ablation(planned: list[Job]) -> list[Job]:
+        """The ablation's jobs planned again from what is on disk now: a row's
+        learning-rate grid grows past an edge once its rates are in, and the
+        paired runs take the rate the grid then chooses."""
+        new = ablation.jobs(study, parts, seeds, results)
+        restore(new)
+        cut = [job for job in planned if job.part not in ("ablation_lr", "ablation")]
+        at = next(
+            (i for i, job in enumerate(planned) if job.part == "ablation_text"),
+            len(cut),
+        )
+        return cut[:at] + new + cut[at:]
+
+    restore(jobs)
+    # Restored grid records may grow a grid (and fix a row's rate): plan again
+    # until nothing new is planned.
+    while True:
+        replanned = replan_ablation(jobs)
+        if [j.record for j in replanned] == [j.record for j in jobs]:
+            jobs = replanned
+            break
+        jobs = replanned
 
     progress = Progress(jobs)
-    missing = []
-    for job in jobs:
-        record = run_or_read(job.record, job.run_now, progress.timed(job))
-        if job.part == "text":  # runs reused by two comparisons count once
-            text_runs[job.record.parent] = bool(record)
-        if record:
-            job.keep(record)
-        else:
-            missing.append(job)
+    kept: set[pathlib.Path] = set()
+
+    def run_all(planned: list[Job], progress: Progress) -> None:
+        for job in planned:
+            record = run_or_read(job.record, job.run_now, progress.timed(job))
+            if job.part == "text":  # runs reused by two comparisons count once
+                text_runs[job.record.parent] = bool(record)
+            if record:
+                job.keep(record)
+                kept.add(job.record)
+
+    run_all(jobs, progress)
     progress.close()
+    # A grid that finished during this call may grow past an edge, and the
+    # paired runs that waited for it can run now: more passes while they finish
+    # runs (each at most one more rate per row and direction).
+    for _ in range(2 * int(config.get("ablation_lr_extend", 0))):
+        jobs = replan_ablation(jobs)
+        pending = [j for j in jobs if j.run_now and not j.done()]
+        if not pending:
+            break
+        before = sum(j.done() for j in jobs)
+        progress = Progress(pending)
+        run_all(pending, progress)
+        progress.close()
+        if sum(j.done() for j in jobs) == before:
+            break
+    jobs = replan_ablation(jobs)
     # Runs that another process held (or had not finished) when this one passed
     # them may have finished since: the tables take every record on disk now.
-    for job in missing:
+    for job in jobs:
+        if job.record in kept:
+            continue
         record = read_json(job.record)
         if record:
             if job.part == "text":
