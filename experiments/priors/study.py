@@ -173,20 +173,20 @@ def run_study(
         restore(new)
         cut = [job for job in planned if job.part not in ("ablation_lr", "ablation")]
         at = next(
-            (i for i, job in enumerate(planned) if job.part == "ablation_text"),
+            (i for i, job in enumerate(cut) if job.part == "ablation_text"),
             len(cut),
         )
         return cut[:at] + new + cut[at:]
 
     restore(jobs)
     # Restored grid records may grow a grid (and fix a row's rate): plan again
-    # until nothing new is planned.
-    while True:
+    # until nothing new is planned (each pass adds a rate per row at most).
+    for _ in range(2 * int(config.get("ablation_lr_extend", 0)) + 1):
         replanned = replan_ablation(jobs)
-        if [j.record for j in replanned] == [j.record for j in jobs]:
-            jobs = replanned
-            break
+        same = [j.record for j in replanned] == [j.record for j in jobs]
         jobs = replanned
+        if same:
+            break
 
     progress = Progress(jobs)
     kept: set[pathlib.Path] = set()
