@@ -647,12 +647,19 @@ def jobs(
             else small_batch_rows(c)
         )
         for name in names:
-            best = chosen.setdefault(name, best_learning_rate(study, name))
-            lr = None if best is None else best * batch_size / c.ablation_batch_size
 
-            def current(record: Any, lr: float | None = lr) -> bool:
-                # made at the rate the row's (complete) grid chooses now
-                return lr is not None and math.isclose(
+            def current(
+                record: Any, name: str = name, batch_size: int = batch_size
+            ) -> bool:
+                # made at the rate the row's grid chooses, once it is complete
+                # (read when asked: the grid may finish during this call)
+                if chosen.get(name) is None:
+                    chosen[name] = best_learning_rate(study, name)
+                best = chosen[name]
+                if best is None:
+                    return False
+                lr = best * batch_size / c.ablation_batch_size
+                return math.isclose(
                     record.get("learning_rate", math.nan), lr, rel_tol=1e-9
                 )
 

@@ -220,8 +220,8 @@ def run_study(
     # Runs that another process held (or had not finished) when this one passed
     # them may have finished since: the tables take every record on disk now.
     for job in jobs:
-        if job.record in kept:
-            continue
+        if job.record in kept and job.part not in ("ablation_lr", "ablation"):
+            continue  # (the ablation's records are kept by its latest plan)
         record = read_json(job.record)
         if record:
             if job.part == "text":
