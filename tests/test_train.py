@@ -294,3 +294,16 @@ def test_metrics_mirror_into_tensorboard_and_a_resume_rewrites_the_curves(tmp_pa
     quiet = tmp_path / "quiet"
     train.MetricsLog(quiet).write(1, "train", loss=1.0)
     assert not (quiet / "tensorboard").exists()
+
+
+def test_a_writer_reopened_within_the_same_second_keeps_the_earlier_events(tmp_path):
+    # The training loop closes the log, then writes the final evaluation: event
+    # files are named by the second they open in, so a second writer in that
+    # second reopened (and truncated) the first one's file.
+    log = train.MetricsLog(tmp_path, tensorboard=True)
+    log.write(1, "train", loss=1.0)
+    log.close()
+    log.write(1, "test", accuracy=0.5)
+    log.close()
+    events = tensorboard_scalars(tmp_path / "tensorboard")
+    assert events == {("train/loss", 1): 1.0, ("test/accuracy", 1): 0.5}

@@ -37,6 +37,8 @@ class MetricsLog:
     writes; every process may read.
     """
 
+    _writers_opened = 0  # event writers opened by this process (file suffixes)
+
     def __init__(
         self, workdir: str | os.PathLike, *, tensorboard: bool = False
     ) -> None:
@@ -59,7 +61,15 @@ class MetricsLog:
         if self._writer is None:
             from tensorboardX import SummaryWriter
 
-            self._writer = SummaryWriter(logdir=str(self.events_dir))
+            # Event files are named by the second they open in: a writer opened
+            # again within that second (a close, then the final evaluation's
+            # write) would reopen, and truncate, the same file. A suffix per
+            # writer keeps them apart.
+            MetricsLog._writers_opened += 1
+            suffix = f".{os.getpid()}.{MetricsLog._writers_opened}"
+            self._writer = SummaryWriter(
+                logdir=str(self.events_dir), filename_suffix=suffix
+            )
         return self._writer
 
     def _mirror(self, record: dict[str, Any]) -> None:
