@@ -243,13 +243,26 @@ def grid_rates(
             return rates, True
 
 
-def grid_records(study: Study, name: str) -> tuple[dict[float, Any], list[float], bool]:
-    """A row's grid records on disk (by rate), the rates it needs, and whether
-    it is complete (``grid_rates``)."""
+def grid_choice(
+    base: Sequence[float], records: Mapping[float, Any], extend: int
+) -> tuple[list[float], float | None]:
+    """The rates a row's grid needs (``grid_rates``) and the one it chooses,
+    None while it is incomplete."""
+    rates, complete = grid_rates(base, records, extend)
+    if not complete:
+        return rates, None
+    return rates, choose_learning_rate({r: records[r] for r in rates})
+
+
+def grid_records(
+    study: Study, name: str
+) -> tuple[dict[float, Any], list[float], float | None]:
+    """A row's grid records on disk (by rate), the rates it needs, and the rate
+    it chooses (None while incomplete; ``grid_choice``)."""
     c = study.config
     records: dict[float, Any] = {}
     while True:
-        rates, complete = grid_rates(
+        rates, best = grid_choice(
             c.ablation_learning_rates, records, c.get("ablation_lr_extend", 0)
         )
         new = {
@@ -259,7 +272,7 @@ def grid_records(study: Study, name: str) -> tuple[dict[float, Any], list[float]
             and (record := read_json(lr_dir(study, name, r) / "lr.json")) is not None
         }
         if not new:
-            return records, rates, complete
+            return records, rates, best
         records.update(new)
 
 
@@ -267,10 +280,16 @@ def best_learning_rate(study: Study, name: str) -> float | None:
     """The grid's learning rate with the best held-out accuracy (a diverged run,
     NaN loss, counts as worst), or None while the row's grid is incomplete
     (a rate missing, or the best at an edge it still grows past)."""
-    records, rates, complete = grid_records(study, name)
-    if not complete:
-        return None
-    return choose_learning_rate({r: records[r] for r in rates})
+    return grid_records(study, name)[2]
+
+
+def paired_rate(study: Study, name: str, batch_size: int) -> float | None:
+    """The learning rate of a row's paired runs at ``batch_size``: the grid's
+    choice scaled linearly with the batch size (None while it is incomplete)."""
+    best = best_learning_rate(study, name)
+    return (
+        None if best is None else best * batch_size / study.config.ablation_batch_size
+    )
 
 
 def choose_learning_rate(records: dict[float, dict[str, Any]]) -> float:
@@ -542,8 +561,8 @@ def main_run(
     workdir = main_dir(study, name, budget, batch_size, seed)
     path = workdir / "ablation.json"
     c = study.config
-    best = best_learning_rate(study, name)
-    if best is None:
+    lr = paired_rate(study, name, batch_size)
+    if lr is None:
         if path.exists():  # the grid grew since: the record's rate may be stale
             return None
         print(
@@ -552,7 +571,6 @@ def main_run(
             flush=True,
         )
         return None
-    lr = best * batch_size / c.ablation_batch_size
     set_aside_other_rate(workdir, lr)
     if path.exists():
         return read_json(path)
@@ -637,7 +655,7 @@ def jobs(
                 )
             )
     table = results.setdefault("ablation", {})
-    chosen: dict[str, float | None] = {}
+    chosen: dict[tuple[str, int], float | None] = {}
     settings = [(b, c.ablation_batch_size) for b in budgets(c)]
     settings += [(b, c.ablation_small_batch) for b in c.ablation_small_batch_budgets]
     for budget, batch_size in settings:
@@ -653,12 +671,11 @@ def jobs(
             ) -> bool:
                 # made at the rate the row's grid chooses, once it is complete
                 # (read when asked: the grid may finish during this call)
-                if chosen.get(name) is None:
-                    chosen[name] = best_learning_rate(study, name)
-                best = chosen[name]
-                if best is None:
+                if chosen.get((name, batch_size)) is None:
+                    chosen[name, batch_size] = paired_rate(study, name, batch_size)
+                lr = chosen[name, batch_size]
+                if lr is None:
                     return False
-                lr = best * batch_size / c.ablation_batch_size
                 return math.isclose(
                     record.get("learning_rate", math.nan), lr, rel_tol=1e-9
                 )

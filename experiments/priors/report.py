@@ -398,7 +398,7 @@ def ablation_section(
 ) -> list[str]:
     """Section 7: the learning-rate grid, then a table per (budget, batch size)
     with every column, differences against batch norm paired by seed."""
-    from experiments.priors.ablation import choose_learning_rate, grid_rates, rows
+    from experiments.priors.ablation import grid_choice, rows
 
     rows_of = tuple(config.get("ablation_rows") or ())
     if not rows_of:
@@ -436,14 +436,12 @@ def ablation_section(
             else:
                 cells.append(f"{100 * r['holdout_accuracy']:.2f}")
         chosen = None
-        records = {float(k): v for k, v in per_lr.items()}
-        needed, complete = grid_rates(
+        needed, best = grid_choice(
             config.ablation_learning_rates,
-            records,
+            {float(k): v for k, v in per_lr.items()},
             config.get("ablation_lr_extend", 0),
         )
-        if complete:
-            best = choose_learning_rate({r: records[r] for r in needed})
+        if best is not None:
             edge = " (grid edge)" if best in (needed[0], needed[-1]) else ""
             chosen = f"{best:g}{edge if len(needed) > 1 else ''}"
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {chosen or '—'} |")
