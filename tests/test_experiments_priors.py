@@ -173,6 +173,10 @@ def test_smoke_ablation_writes_its_tables_and_plot(tmp_path, capsys):
     for heading in ("### short budget", "### long budget", "batch 8"):
         assert heading in section
     assert "one seed: no interval" in section and "learned α" in section
+    reading = section.split("### Reading the outcome")[1].split("\n## ")[0]
+    assert "| optimization | none_wn − batch |" in reading
+    assert "| prior; optimization | layer_chw − batch |" in reading
+    assert "`mix`'s learned α" in reading
     err = capsys.readouterr().err
     assert re.search(r"ablation_mix_short_b8_s0: test accuracy [\d.]+%", err)
     # A later session (a fresh workdir) restores every finished run from the
@@ -593,6 +597,39 @@ def test_text_plots_and_headline_use_the_evaluation_that_matches_training():
     assert priors_text.as_trained("bln") == "val_bits_per_byte_batch"
     assert priors_text.as_trained("power") == "val_bits_per_byte"
     assert priors_text.as_trained("batch:running") == "val_bits_per_byte"
+
+
+def test_the_reading_table_pairs_rows_by_seed_and_bounds_small_differences():
+    def runs(*accuracies, **extra):
+        return {
+            str(s): {"accuracy": a, **{k: v[s] for k, v in extra.items()}}
+            for s, a in enumerate(accuracies)
+        }
+
+    table = {
+        "short b256": {
+            "batch": runs(0.80, 0.79, 0.81, accuracy_offset_erased=[0.2, 0.2, 0.2]),
+            # +0.1, +0.2, 0.0 points: bounded within ±1 point
+            "renorm_free": runs(0.801, 0.792, 0.81),
+            # -5, -6, -4 points: a difference
+            "population": runs(0.75, 0.73, 0.77),
+            "group8": runs(0.70, 0.69, 0.72, accuracy_offset_erased=[0.69, 0.69, 0.71]),
+            "mix": runs(0.7, 0.7, mix_weight=[{"a": 0.2, "b": 0.4}, {"a": 0.3}]),
+        },
+        "long b256": {"batch": runs(0.85), "population": runs(0.80, diverged=[True])},
+    }
+    names = ("batch", "renorm_free", "population", "group8", "mix", "ghost4")
+    text = "\n".join(report.reading_section(table, names))
+    row = next(x for x in text.splitlines() if "| renorm_free − batch |" in x)
+    assert "+0.10 [" in row and "no difference" in row and "within ±1" in row
+    assert row.endswith("| — |")  # no seed of the long budget is shared
+    row = next(x for x in text.splitlines() if "| population − batch |" in x)
+    assert "-5.00 [" in row and "no difference" not in row and "±1" not in row
+    assert "ghost4" not in text and "online" not in text  # rows not in the study
+    assert "layers, per seed: 0.30, 0.30" in text
+    # reliance: batch -60, -59, -61 points; group8 -1, 0, -1: -59, -59, -60
+    assert "batch minus group8: -59.33 [" in text
+    assert report.reading_section({}, names) == []
 
 
 def test_paired_differences_with_their_95_percent_interval():

@@ -554,6 +554,111 @@ def ablation_section(
     lines += _between_settings(
         results.get("ablation", {}), rows_of, dict(config.ablation_budgets)
     )
+    lines += reading_section(results.get("ablation", {}), rows_of)
+    return lines
+
+
+# The comparisons each reading of issue 20 rests on: (readings, a, b) for the
+# paired difference a - b of test accuracy; rows missing from the study are
+# left out.
+READINGS = (
+    ("prior; gradient", "renorm_free", "batch"),
+    ("prior; gradient", "population", "batch"),
+    ("prior", "reference", "batch"),
+    ("prior", "online", "batch"),
+    ("prior; optimization", "group8", "batch"),
+    ("prior; optimization", "layer_chw", "batch"),
+    ("prior; optimization", "layer_pixel", "batch"),
+    ("prior; optimization", "instance", "batch"),
+    ("prior; optimization", "prior", "batch"),
+    ("optimization", "none_wn", "batch"),
+    ("noise", "ghost4", "ghost16"),
+    ("noise", "ghost16", "ghost64"),
+    ("noise", "ghost64", "batch"),
+    ("noise", "renorm_free", "group8"),
+    ("noise", "population", "group8"),
+    ("noise", "reference", "group8"),
+    ("noise", "online", "group8"),
+    ("gradient", "renorm_free", "population"),
+    ("granularity", "batch_group", "batch"),
+    ("granularity", "instance", "group8"),
+    ("granularity", "instance", "layer_chw"),
+)
+
+
+def _finished_runs(per_seed: dict[Any, Any]) -> dict[Any, Any]:
+    return {s: r for s, r in per_seed.items() if not r.get("diverged")}
+
+
+def _equivalence(cell: str, d: dict[str, Any] | None) -> str:
+    """``cell`` with '; within ±1' when the interval (accuracy fractions) lies
+    inside ±1 accuracy point: the difference is bounded, not just unresolved."""
+    if d is None or d["interval"] is None:
+        return cell
+    lo, hi = d["interval"]
+    return cell + ("; within ±1" if -0.01 <= lo and hi <= 0.01 else "")
+
+
+def reading_section(table: dict[str, Any], rows_of: tuple[str, ...]) -> list[str]:
+    """The paired differences each reading of the outcome rests on (prior,
+    noise / regularization, optimization, gradient through batch statistics,
+    granularity), one column per setting; the learned α of ``mix``; the
+    reliance on the offset of batch vs group norm. The numbers, not verdicts:
+    which reading they support is for the reader (and the README) to say."""
+    if not table:
+        return []
+    settings = list(table)
+    lines = [
+        "",
+        "### Reading the outcome: the comparisons",
+        "",
+        "Test accuracy a − b (points), paired by seed, mean [95 % t-interval] "
+        "(per seed); 'no difference': the interval holds 0; 'within ±1': it lies "
+        "inside ±1 point.",
+        "",
+        "| reading | a − b | " + " | ".join(settings) + " |",
+        "| --- | --- |" + " --- |" * len(settings),
+    ]
+    for reading, a, b in READINGS:
+        if a not in rows_of or b not in rows_of:
+            continue
+        cells = []
+        for setting in settings:
+            ra = _finished_runs(table[setting].get(a, {}))
+            rb = _finished_runs(table[setting].get(b, {}))
+            d = paired_difference(ra, rb, "accuracy")
+            cells.append(_equivalence(_pct_difference(ra, rb, "accuracy"), d))
+        if any(c != "—" for c in cells):
+            lines.append(f"| {reading} | {a} − {b} | " + " | ".join(cells) + " |")
+    extra = []
+    for setting in settings:
+        alphas = [
+            float(np.mean(list(r["mix_weight"].values())))
+            for r in _finished_runs(table[setting].get("mix", {})).values()
+            if r.get("mix_weight")
+        ]
+        if alphas:
+            extra.append(
+                f"- {setting}: `mix`'s learned α (weight of the sample's own "
+                "statistics; 1 = per-sample only, 0 = population only), mean over "
+                f"layers, per seed: {', '.join(f'{x:.2f}' for x in alphas)}"
+            )
+        runs = {
+            n: {
+                s: {"reliance": r["accuracy_offset_erased"] - r["accuracy"]}
+                for s, r in _finished_runs(table[setting].get(n, {})).items()
+                if "accuracy_offset_erased" in r
+            }
+            for n in ("batch", "group8")
+        }
+        if runs["batch"] and runs["group8"]:
+            extra.append(
+                f"- {setting}: reliance on the offset (offset erased − test), "
+                "batch minus group8: "
+                + _pct_difference(runs["batch"], runs["group8"], "reliance")
+            )
+    if extra:
+        lines += [""] + extra
     return lines
 
 
