@@ -314,7 +314,6 @@ def test_tables_take_runs_another_process_finished_while_this_one_ran(
     config.parts = "ablation_lr"
     config.ablation_rows = ("batch",)
     config.ablation_learning_rates = (0.1, 0.4)
-    config.ablation_text_norms = ()
 
     def run_or_read(path, run_now, run):
         if "ablation_lr_" not in str(path):  # other parts: none finished
@@ -335,6 +334,8 @@ def test_tables_take_runs_another_process_finished_while_this_one_ran(
         markdown
     )
     assert "## 1. Test accuracy" not in markdown
+    assert "Section 8 (part ablation_text): no finished runs" in markdown
+    assert "## 8. Text ablation" not in markdown
 
 
 def _lr_record(accuracy):
@@ -676,6 +677,12 @@ def test_a_study_restores_finished_text_runs_from_earlier_results(tmp_path):
     assert out["header"]["finished_runs"]["text"].startswith("1/")
     summary = tmp_path / "study" / "runs" / "text_layer_byte_s0" / "summary.json"
     assert json.loads(summary.read_text())["restored_from"] == str(previous)
+    # sections of parts with no finished run are one line each; the text's shown
+    markdown = (tmp_path / "study" / "results.md").read_text()
+    assert "Sections 1-2 (parts probe, stats): no finished runs" in markdown
+    assert "Sections 3-4 (part sweep): no finished runs" in markdown
+    assert "## 5. Text" in markdown and "## 6. Headline" in markdown
+    assert "## 1. Test" not in markdown and "## 3-4. Batch-size" not in markdown
     # runs trained with another text configuration are refused, by field
     config.text.num_steps += 1
     with pytest.raises(ValueError, match="differs in num_steps"):

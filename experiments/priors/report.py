@@ -290,6 +290,7 @@ def write_markdown(
             if per_seed:
                 cells = [fmt(seed_values(per_seed, layer), 100, 1) for layer in layers]
                 lines.append(f"| {norm} | " + " | ".join(cells) + " |")
+    sweep_start = len(lines)
     lines += ["", "## 3-4. Batch-size sweep: running (precise) statistics", ""]
     sizes = list(config.sweep_batch_sizes)
     lines.append("| norm | " + " | ".join(f"B={s}" for s in sizes) + " |")
@@ -312,7 +313,9 @@ def write_markdown(
             gaps = [r["precise"] - r["running"] for r in by_size.get(s, {}).values()]
             cells.append(fmt(gaps, 100, 1))
         lines.append(f"| {norm} | " + " | ".join(cells) + " |")
+    text_start = len(lines)
     lines += text_section(results, config)
+    headline_start = len(lines)
     lines += ["", "## 6. Headline: does the global prior close the gap?", ""]
     large, small = max(config.sweep_batch_sizes), config.headline_small_batch
     lines.append(
@@ -329,21 +332,55 @@ def write_markdown(
         )
     # A workdir that ran only some parts (e.g. the ablation alone) gets one line
     # for the sections of the parts it has no finished run of, not empty tables.
+    blocks = [
+        (
+            lines[first_study:sweep_start],
+            ("probe",),
+            "Sections 1-2 (parts probe, stats)",
+        ),
+        (lines[sweep_start:text_start], ("sweep",), "Sections 3-4 (part sweep)"),
+        (lines[text_start:headline_start], ("text",), "Section 5 (part text)"),
+        (
+            lines[headline_start:],
+            ("probe", "sweep", "text"),
+            "Section 6 (parts probe, sweep, text)",
+        ),
+    ]
     if not any(_finished(h, part) for part in ("probe", "sweep", "text")):
-        lines[first_study:] = [
-            "Sections 1-6 (parts probe, stats, sweep, text): no finished runs in "
-            "this workdir.",
-        ]
-    ablation_lines = ablation_section(results, config)
-    ablation_lines += ablation_text_section(results, config)
-    if any(_finished(h, p) for p in ("ablation_lr", "ablation", "ablation_text")):
-        lines += ablation_lines
-    else:
+        blocks = [([], (), "Sections 1-6 (parts probe, stats, sweep, text)")]
+    del lines[first_study:]
+    for block, parts, label in blocks:
+        if parts and any(_finished(h, part) for part in parts):
+            lines += block
+        else:
+            lines += ["", f"{label}: no finished runs in this workdir."]
+    if lines[first_study] == "":
+        del lines[first_study]
+    cifar_ablation = any(_finished(h, p) for p in ("ablation_lr", "ablation"))
+    text_ablation = _finished(h, "ablation_text")
+    if not cifar_ablation and not text_ablation:
         lines += [
             "",
             "Sections 7-8 (parts ablation_lr, ablation, ablation_text): no "
             "finished runs in this workdir.",
         ]
+    else:
+        # (a section the configuration has no rows for is empty: no line)
+        section = ablation_section(results, config)
+        if section and not cifar_ablation:
+            section = [
+                "",
+                "Section 7 (parts ablation_lr, ablation): no finished runs in this "
+                "workdir.",
+            ]
+        lines += section
+        section = ablation_text_section(results, config)
+        if section and not text_ablation:
+            section = [
+                "",
+                "Section 8 (part ablation_text): no finished runs in this workdir.",
+            ]
+        lines += section
     path.write_text("\n".join(lines) + "\n")
 
 
