@@ -232,6 +232,11 @@ def test_smoke_text_ablation_evaluates_with_a_reference_batch(tmp_path):
     assert (tmp_path / "runs" / "text_batch_byte_L8_b2_s0" / "summary.json").exists()
     section = (tmp_path / "results.md").read_text().split("## 8. Text ablation")[1]
     assert "| batch | reference batch |" in section
+    by_position = section.split("by position, L=8")[1]
+    assert "| batch | as trained |" in by_position
+    assert "| batch | reference batch |" in by_position
+    assert "As trained minus layer norm, nats per byte by position, L=8" in section
+    assert (tmp_path / "ablation_text.png").stat().st_size > 0
     config.parts = ""  # a later session restores the rows from the results
     config.restore_from = str(tmp_path / "results.json")
     again = priors.run_study(config, str(tmp_path / "later"))
@@ -631,6 +636,41 @@ def test_the_reading_table_pairs_rows_by_seed_and_bounds_small_differences():
     # reliance: batch -60, -59, -61 points; group8 -1, 0, -1: -59, -59, -60
     assert "batch minus group8: -59.33 [" in text
     assert report.reading_section({}, names) == []
+
+
+def test_text_losses_by_position_in_position_order_paired_against_layer():
+    def runs(*by_seed):
+        return {
+            str(s): {"val_loss_by_position": sources}
+            for s, sources in enumerate(by_seed)
+        }
+
+    def buckets(base):  # out of position order, as a dict may hold them
+        return {"16-31": base, "0-7": base + 0.5, "8-15": base + 0.2}
+
+    table = {
+        "layer": {"64": runs(*({"batch": buckets(b)} for b in (1.0, 1.1, 1.2)))},
+        "batch": {
+            "64": runs(
+                *(
+                    {"batch": buckets(b), "running": buckets(b + 1), "reference": {}}
+                    for b in (0.9, 1.0, 1.15)
+                )
+            )
+        },
+    }
+    text = "\n".join(report._position_tables(table, ("layer", "batch"), ["64", "128"]))
+    assert "L=128" not in text  # no runs there
+    header = next(x for x in text.splitlines() if x.startswith("| row | evaluation"))
+    assert header == "| row | evaluation | 0-7 | 8-15 | 16-31 |"
+    assert "| layer | as trained | 1.600 ± 0.100 |" in text  # one row per-sample
+    assert "| layer | population |" not in text
+    assert "| batch | population | 2.517 ± 0.126 |" in text
+    assert "| batch | reference batch |" not in text  # no buckets recorded: no row
+    diff = text.split("As trained minus layer norm")[1]
+    # -0.1, -0.1, -0.05 in every bucket: a difference, per seed
+    assert "| batch | -0.083 [" in diff and "(per seed -0.100, -0.100, -0.050)" in diff
+    assert "no difference" not in diff
 
 
 def test_paired_differences_with_their_95_percent_interval():

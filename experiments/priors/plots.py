@@ -1,4 +1,5 @@
-"""The study's plots: sweep.png, probe.png, stats.png and text.png."""
+"""The study's plots: sweep.png, probe.png, stats.png, text.png, ablation.png
+and ablation_text.png."""
 
 from __future__ import annotations
 
@@ -8,10 +9,25 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from experiments.priors.report import mean_std, probe_columns, seed_values
+from experiments.priors.report import (
+    POSITION_SOURCES,
+    bucket_order,
+    is_per_sample,
+    mean_std,
+    position_losses,
+    probe_columns,
+    seed_values,
+)
 from experiments.priors.text import as_trained, text_key
 
-PLOTS = ("sweep.png", "probe.png", "stats.png", "text.png", "ablation.png")
+PLOTS = (
+    "sweep.png",
+    "probe.png",
+    "stats.png",
+    "text.png",
+    "ablation.png",
+    "ablation_text.png",
+)
 
 
 def legend(ax: Any, **kwargs: Any) -> None:
@@ -140,6 +156,7 @@ def write_plots(
     fig.tight_layout()
     fig.savefig(workdir / "text.png", dpi=100)
     write_ablation_plot(results, config, workdir / "ablation.png")
+    write_ablation_text_plot(results, config, workdir / "ablation_text.png")
 
 
 def write_ablation_plot(
@@ -174,5 +191,50 @@ def write_ablation_plot(
     axes[0].set_yticks(y, rows, fontsize=8)
     axes[0].invert_yaxis()
     legend(axes[-1], fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def write_ablation_text_plot(
+    results: dict[str, Any], config: ml_collections.ConfigDict, path: pathlib.Path
+) -> None:
+    """ablation_text.png: validation loss by position bucket at each context
+    length, per row of the text ablation (mean ± std over seeds): as trained
+    (solid), with population statistics (dashed) where they differ."""
+    from matplotlib.figure import Figure
+
+    table = results.get("ablation_text", {})
+    lengths = [str(n) for n in sorted(config.context_lengths)]
+    fig = Figure(figsize=(4.5 * len(lengths), 4))
+    axes = np.atleast_1d(fig.subplots(1, len(lengths)))
+    for ax, n in zip(axes, lengths, strict=True):
+        for i, variant in enumerate(config.get("ablation_text_norms") or ()):
+            per_seed = table.get(variant, {}).get(n, {})
+            keys = [as_trained(variant)]
+            if not is_per_sample(variant.partition(":")[0]):
+                keys.append("val_bits_per_byte")
+            for key in dict.fromkeys(keys):
+                by_bucket = position_losses(per_seed, POSITION_SOURCES[key])
+                if not by_bucket:
+                    continue
+                buckets = sorted(by_bucket, key=bucket_order)
+                stats = [mean_std(seed_values(by_bucket[b], "loss")) for b in buckets]
+                trained = key == as_trained(variant)
+                ax.errorbar(
+                    np.arange(len(buckets)),
+                    [m for m, _, _ in stats],
+                    yerr=[sd for _, sd, _ in stats],
+                    fmt="o-" if trained else "s--",
+                    color=f"C{i}",
+                    mfc=None if trained else "none",
+                    capsize=2,
+                    label=variant + ("" if trained else " (population)"),
+                )
+                ax.set_xticks(np.arange(len(buckets)), buckets, fontsize=8)
+        ax.set_title(f"L={n}", fontsize=9)
+        ax.set_xlabel("position")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("validation loss (nats per byte)")
+    legend(axes[-1], fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

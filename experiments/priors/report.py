@@ -801,6 +801,7 @@ def ablation_text_section(
             if all(c == "—" for c in cells):
                 continue
             lines.append(f"| {variant} | {label} | " + " | ".join(cells) + " |")
+    lines += _position_tables(table, text_norms, lengths)
     zeroed = [
         (variant, n, seed, r)
         for variant in text_norms
@@ -819,6 +820,119 @@ def ablation_text_section(
             f"{r.get('val_bits_per_byte_batch') or float('nan'):.3f}"
         )
     return lines
+
+
+# The score key of each text evaluation -> its key in ``val_loss_by_position``.
+POSITION_SOURCES = {
+    "val_bits_per_byte": "running",
+    "val_bits_per_byte_precise": "precise",
+    "val_bits_per_byte_batch": "batch",
+    "val_bits_per_byte_reference": "reference",
+}
+
+
+def position_losses(
+    per_seed: dict[Any, Any], source: str
+) -> dict[str, dict[Any, dict[str, float]]]:
+    """``{bucket: {seed: {'loss': value}}}``: the validation loss by position
+    bucket of evaluation ``source`` (a ``val_loss_by_position`` key), for
+    ``paired_difference`` and ``seed_values``."""
+    out: dict[str, dict[Any, dict[str, float]]] = {}
+    for seed, r in per_seed.items():
+        for bucket, value in (
+            (r.get("val_loss_by_position") or {}).get(source, {}).items()
+        ):
+            out.setdefault(bucket, {})[seed] = {"loss": float(value)}
+    return out
+
+
+def bucket_order(bucket: str) -> tuple[int, str]:
+    start = bucket.partition("-")[0]
+    return (int(start) if start.isdigit() else 1 << 30, bucket)
+
+
+def _position_tables(
+    table: dict[str, Any], text_norms: tuple[str, ...], lengths: list[str]
+) -> list[str]:
+    """Per context length: the validation loss by position bucket of every row
+    (as trained, with population statistics, with the reference batch), and
+    each row's as-trained loss minus layer norm's, paired by seed."""
+    lines: list[str] = []
+    for n in lengths:
+        evaluations = []
+        for variant in text_norms:
+            per_seed = table.get(variant, {}).get(n, {})
+            # a per-sample norm's evaluations are one (any source: the same)
+            keys = [as_trained(variant)]
+            if not is_per_sample(variant.partition(":")[0]):
+                keys.append("val_bits_per_byte")
+            if uses_reference(variant):
+                keys.append("val_bits_per_byte_reference")
+            for key in dict.fromkeys(keys):
+                by_bucket = position_losses(per_seed, POSITION_SOURCES[key])
+                if by_bucket:
+                    evaluations.append((variant, key, by_bucket))
+        if not evaluations:
+            continue
+        buckets = sorted(
+            {b for _, _, by_bucket in evaluations for b in by_bucket}, key=bucket_order
+        )
+        lines += [
+            "",
+            f"Validation loss (nats per byte) by position, L={n}: mean ± std over "
+            "seeds, by evaluation (as trained, population statistics, reference "
+            "batch):",
+            "",
+            "| row | evaluation | " + " | ".join(buckets) + " |",
+            "| --- | --- |" + " --- |" * len(buckets),
+        ]
+        for variant, key, by_bucket in evaluations:
+            label = "as trained" if key == as_trained(variant) else LABELS[key]
+            cells = [
+                fmt(seed_values(by_bucket.get(b, {}), "loss"), 1, 3) for b in buckets
+            ]
+            lines.append(f"| {variant} | {label} | " + " | ".join(cells) + " |")
+        layer = position_losses(
+            table.get("layer", {}).get(n, {}), POSITION_SOURCES[as_trained("layer")]
+        )
+        differences = []
+        for variant, key, by_bucket in evaluations:
+            if variant == "layer" or key != as_trained(variant):
+                continue
+            cells = [
+                difference_cell(
+                    paired_difference(by_bucket.get(b, {}), layer.get(b, {}), "loss")
+                )
+                for b in buckets
+            ]
+            if any(c != "—" for c in cells):
+                differences.append(f"| {variant} | " + " | ".join(cells) + " |")
+        if differences:
+            lines += [
+                "",
+                f"As trained minus layer norm, nats per byte by position, L={n}; "
+                "paired by seed, mean [95 % t-interval] (per seed):",
+                "",
+                "| row | " + " | ".join(buckets) + " |",
+                "| --- |" + " --- |" * len(buckets),
+                *differences,
+            ]
+    return lines
+
+
+LABELS = {
+    "val_bits_per_byte": "population",
+    "val_bits_per_byte_precise": "precise population",
+    "val_bits_per_byte_batch": "leak-free batch",
+    "val_bits_per_byte_reference": "reference batch",
+}
+
+
+def uses_reference(variant: str) -> bool:
+    """Whether the text ablation evaluates ``variant`` with a reference batch."""
+    from experiments.priors.ablation_text import uses_batch_statistics
+
+    return uses_batch_statistics(variant)
 
 
 def _reference_vs_layer(table: dict[str, Any], variant: str, n: str) -> str:
