@@ -173,6 +173,9 @@ def test_smoke_ablation_writes_its_tables_and_plot(tmp_path, capsys):
     for heading in ("### short budget", "### long budget", "batch 8"):
         assert heading in section
     assert "one seed: no interval" in section and "learned α" in section
+    headline = section.split("### Headline: every row in every setting")[1]
+    assert "short b32: test | short b32: Δ vs batch | long b32: test" in headline
+    assert re.search(r"\| batch \| batch \| yes \| yes \| channel \| [\d.]+ ", headline)
     reading = section.split("### Reading the outcome")[1].split("\n## ")[0]
     assert "| optimization | none_wn − batch |" in reading
     assert "| prior; optimization | layer_chw − batch |" in reading

@@ -71,7 +71,9 @@ def rows(
     free = 1e6  # r and d unclipped (finite: the relaxation ramp multiplies it)
     return {
         "batch": Row("batch", {}, False, "batch", "yes", "yes"),
-        "ghost4": Row("ghost_batch", {"ghost_batch_size": 4}, False, "ghost 4", "yes"),
+        "ghost4": Row(
+            "ghost_batch", {"ghost_batch_size": 4}, False, "ghost 4", "yes", "yes"
+        ),
         "ghost16": Row(
             "ghost_batch", {"ghost_batch_size": 16}, False, "ghost 16", "yes", "yes"
         ),

@@ -482,6 +482,7 @@ def ablation_section(
             edge = " (grid edge)" if best in (needed[0], needed[-1]) else ""
             chosen = f"{best:g}{edge if len(needed) > 1 else ''}"
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {chosen or '—'} |")
+    lines += ablation_headline(results.get("ablation", {}), rows_of, known)
     lines += [
         "",
         "In the tables below: accuracy (%) mean ± std over seeds; Δ vs batch: "
@@ -592,6 +593,52 @@ def ablation_section(
         results.get("ablation", {}), rows_of, dict(config.ablation_budgets)
     )
     lines += reading_section(results.get("ablation", {}), rows_of)
+    return lines
+
+
+def ablation_headline(
+    table: dict[str, Any], rows_of: tuple[str, ...], known: dict[str, Any]
+) -> list[str]:
+    """Every row in every setting (budget, batch size) side by side: test
+    accuracy with the row's inference statistics, and minus batch norm's,
+    paired by seed with its 95 % interval."""
+    if not table:
+        return []
+    settings = list(table)
+    lines = [
+        "",
+        "### Headline: every row in every setting",
+        "",
+        "Test accuracy (%) with each row's inference statistics, mean ± std over "
+        "seeds (n), and minus batch norm's in the same setting, paired by seed, "
+        "mean [95 % t-interval] (per seed).",
+        "",
+        "| row | statistics | gradient | noise | granularity | "
+        + " | ".join(f"{s}: test | {s}: Δ vs batch" for s in settings)
+        + " |",
+        "| --- |" + " --- |" * (4 + 2 * len(settings)),
+    ]
+    for name in rows_of:
+        if not any(table[s].get(name) for s in settings):
+            continue
+        row = known[name]
+        cells = []
+        for setting in settings:
+            per_seed = table[setting].get(name, {})
+            done = _finished_runs(per_seed)
+            diverged = len(per_seed) - len(done)
+            if not per_seed:
+                cells += ["—", "—"]
+                continue
+            n = f" (n={len(done)}" + (f", {diverged} diverged)" if diverged else ")")
+            test = fmt(seed_values(done, "accuracy"), 100) + n
+            base = _finished_runs(table[setting].get("batch", {}))
+            delta = "" if name == "batch" else _pct_difference(done, base, "accuracy")
+            cells += [test, delta]
+        lines.append(
+            f"| {name} | {row.statistics} | {row.gradient} | {row.noise} | "
+            f"{row.granularity} | " + " | ".join(cells) + " |"
+        )
     return lines
 
 
