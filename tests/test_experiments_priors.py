@@ -627,8 +627,11 @@ def test_the_reading_table_pairs_rows_by_seed_and_bounds_small_differences():
         },
         "long b256": {"batch": runs(0.85), "population": runs(0.80, diverged=[True])},
     }
+    table["long b256"]["group8"] = runs(0.82, 0.80)  # gap -3, -5 (short -10, -10)
+    table["long b256"]["batch"] = runs(0.85, 0.85)
     names = ("batch", "renorm_free", "population", "group8", "mix", "ghost4")
-    text = "\n".join(report.reading_section(table, names))
+    epochs = {"short": 2.0, "long": 6.0}
+    text = "\n".join(report.reading_section(table, names, epochs))
     row = next(x for x in text.splitlines() if "| renorm_free − batch |" in x)
     assert "+0.10 [" in row and "no difference" in row and "within ±1" in row
     assert row.endswith("| — |")  # no seed of the long budget is shared
@@ -638,7 +641,13 @@ def test_the_reading_table_pairs_rows_by_seed_and_bounds_small_differences():
     assert "layers, per seed: 0.30, 0.30" in text
     # reliance: batch -60, -59, -61 points; group8 -1, 0, -1: -59, -59, -60
     assert "batch minus group8: -59.33 [" in text
-    assert report.reading_section({}, names) == []
+    # the gap to batch norm narrows with the budget: +7, +5 points
+    change = next(x for x in text.splitlines() if x.startswith("| group8 | +"))
+    assert (
+        change.startswith("| group8 | +6.00 [") and "(per seed +7.00, +5.00)" in change
+    )
+    assert "| row | long b256 vs short b256 |" in text
+    assert report.reading_section({}, names, epochs) == []
 
 
 def test_text_losses_by_position_in_position_order_paired_against_layer():

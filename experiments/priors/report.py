@@ -592,7 +592,9 @@ def ablation_section(
     lines += _between_settings(
         results.get("ablation", {}), rows_of, dict(config.ablation_budgets)
     )
-    lines += reading_section(results.get("ablation", {}), rows_of)
+    lines += reading_section(
+        results.get("ablation", {}), rows_of, dict(config.ablation_budgets)
+    )
     return lines
 
 
@@ -683,7 +685,57 @@ def _equivalence(cell: str, d: dict[str, Any] | None) -> str:
     return cell + ("; within ±1" if -0.01 <= lo and hi <= 0.01 else "")
 
 
-def reading_section(table: dict[str, Any], rows_of: tuple[str, ...]) -> list[str]:
+def _gap_change(
+    table: dict[str, Any], rows_of: tuple[str, ...], epochs: dict[str, float]
+) -> list[str]:
+    """Whether each row's gap to batch norm changes with the budget: (row −
+    batch at the longer budget) − (row − batch at the shorter), at the same
+    batch size, paired by seed (the optimization reading; positive: the row
+    gains on batch norm with training). ``epochs``: each budget's."""
+
+    def split(setting: str) -> tuple[str, str]:
+        budget, _, batch = setting.partition(" b")
+        return budget, batch
+
+    pairs = [
+        (long, short)
+        for long in table
+        for short in table
+        if split(long)[1] == split(short)[1]
+        and epochs[split(long)[0]] > epochs[split(short)[0]]
+    ]
+    if not pairs:
+        return []
+
+    def gaps(setting: str, name: str) -> dict[Any, dict[str, float]]:
+        mine = _finished_runs(table[setting].get(name, {}))
+        base = _finished_runs(table[setting].get("batch", {}))
+        return {
+            s: {"gap": mine[s]["accuracy"] - base[s]["accuracy"]}
+            for s in set(mine) & set(base)
+        }
+
+    lines = [
+        "",
+        "Change of each row's gap to batch norm with the budget, (row − batch "
+        "at the longer budget) − (row − batch at the shorter), paired by seed "
+        "(positive: the row gains on batch norm with training):",
+        "",
+        "| row | " + " | ".join(f"{a} vs {b}" for a, b in pairs) + " |",
+        "| --- |" + " --- |" * len(pairs),
+    ]
+    for name in rows_of:
+        if name == "batch":
+            continue
+        cells = [_pct_difference(gaps(a, name), gaps(b, name), "gap") for a, b in pairs]
+        if any(c != "—" for c in cells):
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def reading_section(
+    table: dict[str, Any], rows_of: tuple[str, ...], epochs: dict[str, float]
+) -> list[str]:
     """The paired differences each reading of the outcome rests on (prior,
     noise / regularization, optimization, gradient through batch statistics,
     granularity), one column per setting; the learned α of ``mix``; the
@@ -714,6 +766,7 @@ def reading_section(table: dict[str, Any], rows_of: tuple[str, ...]) -> list[str
             cells.append(_equivalence(_pct_difference(ra, rb, "accuracy"), d))
         if any(c != "—" for c in cells):
             lines.append(f"| {reading} | {a} − {b} | " + " | ".join(cells) + " |")
+    lines += _gap_change(table, rows_of, epochs)
     extra = []
     for setting in settings:
         alphas = [
