@@ -625,7 +625,10 @@ def test_the_reading_table_pairs_rows_by_seed_and_bounds_small_differences():
             "group8": runs(0.70, 0.69, 0.72, accuracy_offset_erased=[0.69, 0.69, 0.71]),
             "mix": runs(0.7, 0.7, mix_weight=[{"a": 0.2, "b": 0.4}, {"a": 0.3}]),
         },
+    }
+    table = {  # the long budget first, as a results file may hold it
         "long b256": {"batch": runs(0.85), "population": runs(0.80, diverged=[True])},
+        **table,
     }
     table["long b256"]["group8"] = runs(0.82, 0.80)  # gap -3, -5 (short -10, -10)
     table["long b256"]["batch"] = runs(0.85, 0.85)
@@ -637,17 +640,53 @@ def test_the_reading_table_pairs_rows_by_seed_and_bounds_small_differences():
     assert row.endswith("| — |")  # no seed of the long budget is shared
     row = next(x for x in text.splitlines() if "| population − batch |" in x)
     assert "-5.00 [" in row and "no difference" not in row and "±1" not in row
+    assert row.endswith("| — |")  # its long-budget run diverged: not compared
     assert "ghost4" not in text and "online" not in text  # rows not in the study
-    assert "layers, per seed: 0.30, 0.30" in text
-    # reliance: batch -60, -59, -61 points; group8 -1, 0, -1: -59, -59, -60
-    assert "batch minus group8: -59.33 [" in text
+    assert "mean over layers: seed 0: 0.30, seed 1: 0.30" in text
+    # reliance (test - erased): batch 60, 59, 61 points; group8 1, 0, 1
+    assert "batch minus group8: +59.33 [" in text
     # the gap to batch norm narrows with the budget: +7, +5 points
     change = next(x for x in text.splitlines() if x.startswith("| group8 | +"))
     assert (
         change.startswith("| group8 | +6.00 [") and "(per seed +7.00, +5.00)" in change
     )
     assert "| row | long b256 vs short b256 |" in text
+    assert not any(x.startswith("| population |") for x in text.splitlines())
+    # columns by batch size, then budget, whatever order the runs came in
+    assert "| reading | a − b | short b256 | long b256 |" in text
     assert report.reading_section({}, names, epochs) == []
+
+
+def test_the_ablation_headline_leaves_diverged_runs_out_of_n_and_differences():
+    config = configs.get_config("smoke")
+    known = ablation.rows(config)
+
+    def runs(*accuracies, diverged=()):
+        return {
+            str(s): {"accuracy": a, **({"diverged": True} if s in diverged else {})}
+            for s, a in enumerate(accuracies)
+        }
+
+    table = {
+        "short b8": {"batch": runs(0.5, 0.6)},
+        "short b32": {
+            "batch": runs(0.80, 0.79, 0.81),
+            "mix": runs(0.70, 0.10, 0.72, diverged=(1,)),  # seed 1 diverged
+        },
+    }
+    names = ("batch", "mix", "none_wn")
+    lines = report.ablation_headline(table, names, known, {"short": 1.0})
+    header = next(x for x in lines if x.startswith("| row |"))
+    separator = next(x for x in lines if x.startswith("| ---"))
+    assert header.count("|") == separator.count("|")
+    assert "| short b32: test | short b32: Δ vs batch | short b8: test |" in header
+    mix = next(x for x in lines if x.startswith("| mix |"))
+    assert "71.00 ± 1.41 (n=3, 1 diverged)" in mix
+    assert "-9.50 [" in mix and "(per seed -10.00, -9.00)" in mix
+    assert mix.endswith("| — | — |")  # not run at batch 8
+    assert not any(x.startswith("| none_wn |") for x in lines)  # no runs at all
+    batch = next(x for x in lines if x.startswith("| batch |"))
+    assert "(baseline)" in batch and "(n=2)" in batch
 
 
 def test_text_losses_by_position_in_position_order_paired_against_layer():
@@ -674,8 +713,9 @@ def test_text_losses_by_position_in_position_order_paired_against_layer():
     text = "\n".join(report._position_tables(table, ("layer", "batch"), ["64", "128"]))
     assert "L=128" not in text  # no runs there
     header = next(x for x in text.splitlines() if x.startswith("| row | evaluation"))
-    assert header == "| row | evaluation | 0-7 | 8-15 | 16-31 |"
+    assert header == "| row | evaluation | 0-7 | 8-15 | 16-31 | n |"
     assert "| layer | as trained | 1.600 ± 0.100 |" in text  # one row per-sample
+    assert "| 1.100 ± 0.100 | 3 |" in text  # the layer row's last bucket, 3 seeds
     assert "| layer | population |" not in text
     assert "| batch | population | 2.517 ± 0.126 |" in text
     assert "| batch | reference batch |" not in text  # no buckets recorded: no row

@@ -204,10 +204,11 @@ def write_ablation_text_plot(
     from matplotlib.figure import Figure
 
     table = results.get("ablation_text", {})
-    lengths = [str(n) for n in sorted(config.context_lengths)]
+    lengths = [str(n) for n in sorted(config.context_lengths)] or ["(none)"]
     fig = Figure(figsize=(4.5 * len(lengths), 4))
     axes = np.atleast_1d(fig.subplots(1, len(lengths)))
     for ax, n in zip(axes, lengths, strict=True):
+        curves = []
         for i, variant in enumerate(config.get("ablation_text_norms") or ()):
             per_seed = table.get(variant, {}).get(n, {})
             keys = [as_trained(variant)]
@@ -215,26 +216,31 @@ def write_ablation_text_plot(
                 keys.append("val_bits_per_byte")
             for key in dict.fromkeys(keys):
                 by_bucket = position_losses(per_seed, POSITION_SOURCES[key])
-                if not by_bucket:
-                    continue
-                buckets = sorted(by_bucket, key=bucket_order)
-                stats = [mean_std(seed_values(by_bucket[b], "loss")) for b in buckets]
-                trained = key == as_trained(variant)
-                ax.errorbar(
-                    np.arange(len(buckets)),
-                    [m for m, _, _ in stats],
-                    yerr=[sd for _, sd, _ in stats],
-                    fmt="o-" if trained else "s--",
-                    color=f"C{i}",
-                    mfc=None if trained else "none",
-                    capsize=2,
-                    label=variant + ("" if trained else " (population)"),
-                )
-                ax.set_xticks(np.arange(len(buckets)), buckets, fontsize=8)
+                if by_bucket:
+                    curves.append((i, variant, key == as_trained(variant), by_bucket))
+        # every curve on the same x: the union of the buckets at this length
+        buckets = sorted({b for *_, c in curves for b in c}, key=bucket_order)
+        x = {b: k for k, b in enumerate(buckets)}
+        for i, variant, trained, by_bucket in curves:
+            mine = sorted(by_bucket, key=bucket_order)
+            stats = [mean_std(seed_values(by_bucket[b], "loss")) for b in mine]
+            ax.errorbar(
+                [x[b] for b in mine],
+                [m for m, _, _ in stats],
+                yerr=[sd for _, sd, _ in stats],
+                fmt="o-" if trained else "s--",
+                color=f"C{i}",
+                mfc=None if trained else "none",
+                capsize=2,
+                label=variant + ("" if trained else " (population)"),
+            )
+        ax.set_xticks(np.arange(len(buckets)), buckets, fontsize=8)
         ax.set_title(f"L={n}", fontsize=9)
         ax.set_xlabel("position")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("validation loss (nats per byte)")
-    legend(axes[-1], fontsize=7)
+    labelled = [ax for ax in axes if ax.get_legend_handles_labels()[0]]
+    if labelled:
+        labelled[-1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

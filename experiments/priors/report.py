@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import pathlib
 import platform
@@ -342,8 +343,8 @@ def write_markdown(
         (lines[text_start:headline_start], ("text",), "Section 5 (part text)"),
         (
             lines[headline_start:],
-            ("probe", "sweep", "text"),
-            "Section 6 (parts probe, sweep, text)",
+            ("sweep", "text"),  # its table reads the sweep and the text runs
+            "Section 6 (parts sweep, text)",
         ),
     ]
     if not any(_finished(h, part) for part in ("probe", "sweep", "text")):
@@ -482,7 +483,9 @@ def ablation_section(
             edge = " (grid edge)" if best in (needed[0], needed[-1]) else ""
             chosen = f"{best:g}{edge if len(needed) > 1 else ''}"
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {chosen or '—'} |")
-    lines += ablation_headline(results.get("ablation", {}), rows_of, known)
+    lines += ablation_headline(
+        results.get("ablation", {}), rows_of, known, dict(config.ablation_budgets)
+    )
     lines += [
         "",
         "In the tables below: accuracy (%) mean ± std over seeds; Δ vs batch: "
@@ -598,15 +601,29 @@ def ablation_section(
     return lines
 
 
+def ordered_settings(table: dict[str, Any], epochs: dict[str, float]) -> list[str]:
+    """The settings ('short b256', ...) largest batch first, then by budget:
+    the same columns whatever order the runs finished in."""
+
+    def key(setting: str) -> tuple[int, float]:
+        budget, _, batch = setting.partition(" b")
+        return -int(batch), epochs.get(budget, math.inf)
+
+    return sorted(table, key=key)
+
+
 def ablation_headline(
-    table: dict[str, Any], rows_of: tuple[str, ...], known: dict[str, Any]
+    table: dict[str, Any],
+    rows_of: tuple[str, ...],
+    known: dict[str, Any],
+    epochs: dict[str, float],
 ) -> list[str]:
     """Every row in every setting (budget, batch size) side by side: test
     accuracy with the row's inference statistics, and minus batch norm's,
-    paired by seed with its 95 % interval."""
+    paired by seed with its 95 % interval. ``epochs``: each budget's."""
     if not table:
         return []
-    settings = list(table)
+    settings = ordered_settings(table, epochs)
     lines = [
         "",
         "### Headline: every row in every setting",
@@ -632,10 +649,16 @@ def ablation_headline(
             if not per_seed:
                 cells += ["—", "—"]
                 continue
-            n = f" (n={len(done)}" + (f", {diverged} diverged)" if diverged else ")")
+            n = f" (n={len(per_seed)}" + (
+                f", {diverged} diverged)" if diverged else ")"
+            )
             test = fmt(seed_values(done, "accuracy"), 100) + n
             base = _finished_runs(table[setting].get("batch", {}))
-            delta = "" if name == "batch" else _pct_difference(done, base, "accuracy")
+            delta = (
+                "(baseline)"
+                if name == "batch"
+                else _pct_difference(done, base, "accuracy")
+            )
             cells += [test, delta]
         lines.append(
             f"| {name} | {row.statistics} | {row.gradient} | {row.noise} | "
@@ -743,7 +766,7 @@ def reading_section(
     which reading they support is for the reader (and the README) to say."""
     if not table:
         return []
-    settings = list(table)
+    settings = ordered_settings(table, epochs)
     lines = [
         "",
         "### Reading the outcome: the comparisons",
@@ -769,20 +792,23 @@ def reading_section(
     lines += _gap_change(table, rows_of, epochs)
     extra = []
     for setting in settings:
-        alphas = [
-            float(np.mean(list(r["mix_weight"].values())))
-            for r in _finished_runs(table[setting].get("mix", {})).values()
+        alphas = {
+            seed: float(np.mean(list(r["mix_weight"].values())))
+            for seed, r in _finished_runs(table[setting].get("mix", {})).items()
             if r.get("mix_weight")
-        ]
+        }
         if alphas:
+            per_seed = ", ".join(
+                f"seed {s}: {a:.2f}" for s, a in sorted(alphas.items(), key=str)
+            )
             extra.append(
                 f"- {setting}: `mix`'s learned α (weight of the sample's own "
                 "statistics; 1 = per-sample only, 0 = population only), mean over "
-                f"layers, per seed: {', '.join(f'{x:.2f}' for x in alphas)}"
+                f"layers: {per_seed}"
             )
         runs = {
             n: {
-                s: {"reliance": r["accuracy_offset_erased"] - r["accuracy"]}
+                s: {"reliance": r["accuracy"] - r["accuracy_offset_erased"]}
                 for s, r in _finished_runs(table[setting].get(n, {})).items()
                 if "accuracy_offset_erased" in r
             }
@@ -790,8 +816,8 @@ def reading_section(
         }
         if runs["batch"] and runs["group8"]:
             extra.append(
-                f"- {setting}: reliance on the offset (offset erased − test), "
-                "batch minus group8: "
+                f"- {setting}: reliance on the offset (test − offset erased: the "
+                "accuracy lost when it is erased), batch minus group8: "
                 + _pct_difference(runs["batch"], runs["group8"], "reliance")
             )
     if extra:
@@ -983,15 +1009,18 @@ def _position_tables(
             "seeds, by evaluation (as trained, population statistics, reference "
             "batch):",
             "",
-            "| row | evaluation | " + " | ".join(buckets) + " |",
-            "| --- | --- |" + " --- |" * len(buckets),
+            "| row | evaluation | " + " | ".join(buckets) + " | n |",
+            "| --- | --- |" + " --- |" * (len(buckets) + 1),
         ]
         for variant, key, by_bucket in evaluations:
             label = "as trained" if key == as_trained(variant) else LABELS[key]
             cells = [
                 fmt(seed_values(by_bucket.get(b, {}), "loss"), 1, 3) for b in buckets
             ]
-            lines.append(f"| {variant} | {label} | " + " | ".join(cells) + " |")
+            seeds = len({s for per in by_bucket.values() for s in per})
+            lines.append(
+                f"| {variant} | {label} | " + " | ".join(cells) + f" | {seeds} |"
+            )
         layer = position_losses(
             table.get("layer", {}).get(n, {}), POSITION_SOURCES[as_trained("layer")]
         )
