@@ -12,11 +12,11 @@ import numpy as np
 from experiments.priors.report import (
     POSITION_SOURCES,
     bucket_order,
-    is_per_sample,
     mean_std,
     position_losses,
     probe_columns,
     seed_values,
+    trained_and_population,
 )
 from experiments.priors.text import as_trained, text_key
 
@@ -211,10 +211,7 @@ def write_ablation_text_plot(
         curves = []
         for i, variant in enumerate(config.get("ablation_text_norms") or ()):
             per_seed = table.get(variant, {}).get(n, {})
-            keys = [as_trained(variant)]
-            if not is_per_sample(variant.partition(":")[0]):
-                keys.append("val_bits_per_byte")
-            for key in dict.fromkeys(keys):
+            for key in trained_and_population(variant):
                 by_bucket = position_losses(per_seed, POSITION_SOURCES[key])
                 if by_bucket:
                     curves.append((i, variant, key == as_trained(variant), by_bucket))

@@ -385,6 +385,12 @@ def write_markdown(
     path.write_text("\n".join(lines) + "\n")
 
 
+def split_setting(setting: str) -> tuple[str, int]:
+    """An ablation setting ('short b256') as (budget, batch size)."""
+    budget, _, batch = setting.partition(" b")
+    return budget, int(batch)
+
+
 def _finished(header: dict[str, Any], part: str) -> bool:
     """Whether ``part`` has a finished run ('n/m' in the header with n > 0; a
     part the header does not list has none planned). Results written before the
@@ -398,7 +404,11 @@ def _finished(header: dict[str, Any], part: str) -> bool:
 def _pct_difference(a: dict[Any, Any], b: dict[Any, Any], key: str) -> str:
     """Paired difference a - b of ``key`` in accuracy points, with its 95 %
     interval (``difference_cell``)."""
-    d = paired_difference(a, b, key)
+    return _pct_cell(paired_difference(a, b, key))
+
+
+def _pct_cell(d: dict[str, Any] | None) -> str:
+    """A ``paired_difference`` of accuracies (fractions) as a cell in points."""
     if d is None:
         return "—"
     scaled = {
@@ -499,7 +509,7 @@ def ablation_section(
         "evaluated with each batch's own statistics.",
     ]
     for setting, table in results.get("ablation", {}).items():
-        budget, _, batch = setting.partition(" b")
+        budget, batch = split_setting(setting)
         lines += [
             "",
             f"### {budget} budget ({config.ablation_budgets[budget]:g} epochs), "
@@ -518,7 +528,7 @@ def ablation_section(
             if not per_seed:
                 continue
             row = known[name]
-            done = {s: r for s, r in per_seed.items() if not r.get("diverged")}
+            done = _finished_runs(per_seed)
             diverged = len(per_seed) - len(done)
 
             def f(key: str, done: dict[Any, Any] = done) -> str:
@@ -606,8 +616,8 @@ def ordered_settings(table: dict[str, Any], epochs: dict[str, float]) -> list[st
     the same columns whatever order the runs finished in."""
 
     def key(setting: str) -> tuple[int, float]:
-        budget, _, batch = setting.partition(" b")
-        return -int(batch), epochs.get(budget, math.inf)
+        budget, batch = split_setting(setting)
+        return -batch, epochs.get(budget, math.inf)
 
     return sorted(table, key=key)
 
@@ -716,17 +726,15 @@ def _gap_change(
     batch size, paired by seed (the optimization reading; positive: the row
     gains on batch norm with training). ``epochs``: each budget's."""
 
-    def split(setting: str) -> tuple[str, str]:
-        budget, _, batch = setting.partition(" b")
-        return budget, batch
-
-    pairs = [
-        (long, short)
-        for long in table
-        for short in table
-        if split(long)[1] == split(short)[1]
-        and epochs[split(long)[0]] > epochs[split(short)[0]]
-    ]
+    pairs = []
+    for long in table:
+        for short in table:
+            (budget_l, batch_l), (budget_s, batch_s) = (
+                split_setting(long),
+                split_setting(short),
+            )
+            if batch_l == batch_s and epochs[budget_l] > epochs[budget_s]:
+                pairs.append((long, short))
     if not pairs:
         return []
 
@@ -786,7 +794,7 @@ def reading_section(
             ra = _finished_runs(table[setting].get(a, {}))
             rb = _finished_runs(table[setting].get(b, {}))
             d = paired_difference(ra, rb, "accuracy")
-            cells.append(_equivalence(_pct_difference(ra, rb, "accuracy"), d))
+            cells.append(_equivalence(_pct_cell(d), d))
         if any(c != "—" for c in cells):
             lines.append(f"| {reading} | {a} − {b} | " + " | ".join(cells) + " |")
     lines += _gap_change(table, rows_of, epochs)
@@ -832,14 +840,13 @@ def _between_settings(
     minus a shorter at the same batch size; a smaller batch minus a larger at
     the same budget), paired by seed."""
 
-    def split(setting: str) -> tuple[str, int]:
-        budget, _, batch = setting.partition(" b")
-        return budget, int(batch)
-
     pairs = []
     for a in table:
         for b in table:
-            (budget_a, batch_a), (budget_b, batch_b) = split(a), split(b)
+            (budget_a, batch_a), (budget_b, batch_b) = (
+                split_setting(a),
+                split_setting(b),
+            )
             longer = batch_a == batch_b and epochs[budget_a] > epochs[budget_b]
             smaller = budget_a == budget_b and batch_a < batch_b
             if longer or smaller:
@@ -983,18 +990,17 @@ def _position_tables(
     """Per context length: the validation loss by position bucket of every row
     (as trained, with population statistics, with the reference batch), and
     each row's as-trained loss minus layer norm's, paired by seed."""
+    from experiments.priors.ablation_text import uses_batch_statistics
+
     lines: list[str] = []
     for n in lengths:
         evaluations = []
         for variant in text_norms:
             per_seed = table.get(variant, {}).get(n, {})
-            # a per-sample norm's evaluations are one (any source: the same)
-            keys = [as_trained(variant)]
-            if not is_per_sample(variant.partition(":")[0]):
-                keys.append("val_bits_per_byte")
-            if uses_reference(variant):
+            keys = trained_and_population(variant)
+            if uses_batch_statistics(variant):
                 keys.append("val_bits_per_byte_reference")
-            for key in dict.fromkeys(keys):
+            for key in keys:
                 by_bucket = position_losses(per_seed, POSITION_SOURCES[key])
                 if by_bucket:
                     evaluations.append((variant, key, by_bucket))
@@ -1057,11 +1063,13 @@ LABELS = {
 }
 
 
-def uses_reference(variant: str) -> bool:
-    """Whether the text ablation evaluates ``variant`` with a reference batch."""
-    from experiments.priors.ablation_text import uses_batch_statistics
-
-    return uses_batch_statistics(variant)
+def trained_and_population(variant: str) -> list[str]:
+    """The score keys of a text row's evaluation as trained and with population
+    statistics: one key for a per-sample norm (every source gives the same)."""
+    keys = [as_trained(variant)]
+    if not is_per_sample(variant.partition(":")[0]) and keys[0] != "val_bits_per_byte":
+        keys.append("val_bits_per_byte")
+    return keys
 
 
 def _reference_vs_layer(table: dict[str, Any], variant: str, n: str) -> str:
