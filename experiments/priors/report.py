@@ -690,7 +690,11 @@ READINGS = (
     ("prior; optimization", "layer_pixel", "batch"),
     ("prior; optimization", "instance", "batch"),
     ("prior; optimization", "prior", "batch"),
+    ("prior (instrument)", "prior", "group8"),
+    ("prior (instrument)", "prior", "layer_pixel"),
     ("optimization", "none_wn", "batch"),
+    ("optimization", "none_wn", "none"),
+    ("optimization", "none_wn", "layer_pixel"),
     ("noise", "ghost4", "ghost16"),
     ("noise", "ghost16", "ghost64"),
     ("noise", "ghost64", "batch"),
@@ -702,6 +706,7 @@ READINGS = (
     ("granularity", "batch_group", "batch"),
     ("granularity", "instance", "group8"),
     ("granularity", "instance", "layer_chw"),
+    ("granularity", "layer_pixel", "layer_chw"),
 )
 
 
