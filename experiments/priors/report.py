@@ -723,6 +723,26 @@ def _equivalence(cell: str, d: dict[str, Any] | None) -> str:
     return cell + ("; within ±1" if -0.01 <= lo and hi <= 0.01 else "")
 
 
+def _setting_pairs(
+    table: dict[str, Any], epochs: dict[str, float], *, smaller_batch: bool
+) -> list[tuple[str, str]]:
+    """Pairs (a, b) of the ablation's settings to compare, a − b: a longer
+    budget and a shorter at the same batch size, and with ``smaller_batch`` a
+    smaller batch and a larger at the same budget. ``epochs``: each budget's."""
+    pairs = []
+    for a in table:
+        for b in table:
+            (budget_a, batch_a), (budget_b, batch_b) = (
+                split_setting(a),
+                split_setting(b),
+            )
+            longer = batch_a == batch_b and epochs[budget_a] > epochs[budget_b]
+            smaller = smaller_batch and budget_a == budget_b and batch_a < batch_b
+            if longer or smaller:
+                pairs.append((a, b))
+    return pairs
+
+
 def _gap_change(
     table: dict[str, Any], rows_of: tuple[str, ...], epochs: dict[str, float]
 ) -> list[str]:
@@ -731,15 +751,7 @@ def _gap_change(
     batch size, paired by seed (the optimization reading; positive: the row
     gains on batch norm with training). ``epochs``: each budget's."""
 
-    pairs = []
-    for long in table:
-        for short in table:
-            (budget_l, batch_l), (budget_s, batch_s) = (
-                split_setting(long),
-                split_setting(short),
-            )
-            if batch_l == batch_s and epochs[budget_l] > epochs[budget_s]:
-                pairs.append((long, short))
+    pairs = _setting_pairs(table, epochs, smaller_batch=False)
     if not pairs:
         return []
 
@@ -845,17 +857,7 @@ def _between_settings(
     minus a shorter at the same batch size; a smaller batch minus a larger at
     the same budget), paired by seed."""
 
-    pairs = []
-    for a in table:
-        for b in table:
-            (budget_a, batch_a), (budget_b, batch_b) = (
-                split_setting(a),
-                split_setting(b),
-            )
-            longer = batch_a == batch_b and epochs[budget_a] > epochs[budget_b]
-            smaller = budget_a == budget_b and batch_a < batch_b
-            if longer or smaller:
-                pairs.append((a, b))
+    pairs = _setting_pairs(table, epochs, smaller_batch=True)
     if not pairs:
         return []
     lines = [
